@@ -1,0 +1,295 @@
+"""The one source of truth for training options.
+
+Every front end (command line, terminal form, web node) builds a `TrainingConfig`; nothing else
+parses or validates options. Field names and defaults follow the InvokeAI 2.3 textual-inversion
+manual, and each field's description is the help text users see, so docs cannot drift from code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+LearnableProperty = Literal["object", "style"]
+
+
+def default_root() -> Path:
+    """InvokeAI's root folder: `$INVOKEAI_ROOT`, else the conventional `~/invokeai`."""
+    env = os.environ.get("INVOKEAI_ROOT")
+    return Path(env).expanduser() if env else Path.home() / "invokeai"
+
+
+def xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def default_batch_size() -> int:
+    """8 with xformers, else 3: the manual's sizes that fit a 12 GB GPU."""
+    return 8 if xformers_installed() else 3
+
+
+def default_mixed_precision() -> MixedPrecision:
+    """fp16 where a CUDA GPU can run it, full precision elsewhere (CPUs have no fast fp16)."""
+    return "fp16" if torch.cuda.is_available() else "no"
+
+
+def trigger_of(placeholder_token: str) -> str:
+    """The trigger term, `psychedelic` for `<psychedelic>`: names folders and the host model."""
+    return placeholder_token.strip().removeprefix("<").removesuffix(">")
+
+
+class TrainingConfig(BaseModel):
+    """Everything one textual-inversion training run needs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    model: str = Field(
+        description="The base model: a folder holding a Stable Diffusion 1.x or 2.x diffusers "
+        "pipeline (model_index.json, unet/, text_encoder/ ...). An embedding only works with "
+        "models of the same base as the one it was trained on."
+    )
+    placeholder_token: str = Field(
+        description="The new word to teach, e.g. '<psychedelic>'. It must not already be a word "
+        "of the model's vocabulary; angle brackets keep it unique. Use it in prompts as "
+        "`<psychedelic>`."
+    )
+    initializer_token: str = Field(
+        default="*",
+        description="A single existing token whose vector seeds the new word. '*' is neutral; "
+        "a word close to the concept (e.g. 'painting' for a style) can converge faster.",
+    )
+    num_vectors: int = Field(
+        default=1,
+        description="How many token vectors the new word stands for. More vectors can hold "
+        "more detail but need more steps; each starts as a copy of the initializer's vector.",
+    )
+    learnable_property: LearnableProperty = Field(
+        default="object",
+        description="What the images share: 'object' (a thing: 'a photo of a <token>') or "
+        "'style' (a look: 'a painting in the style of <token>'). Chooses the prompt templates.",
+    )
+    root: Path = Field(
+        default_factory=default_root,
+        description="The InvokeAI root folder (default $INVOKEAI_ROOT, else ~/invokeai). "
+        "Default data and output folders live under it.",
+    )
+    train_data_dir: Path | None = Field(
+        default=None,
+        validate_default=True,
+        description="Folder of 3-20 training images (PNG, JPEG or WebP, any size). "
+        "Default: ROOT/text-inversion-training-data/<trigger>.",
+    )
+    output_dir: Path | None = Field(
+        default=None,
+        validate_default=True,
+        description="Where checkpoints, logs and the embedding are written. "
+        "Default: ROOT/text-inversion-output/<trigger>.",
+    )
+    resolution: int | None = Field(
+        default=None,
+        description="Images are scaled to this square size in pixels (a multiple of 8). "
+        "Default: the model's native size (512 for SD 1.x, 768 for SD 2.x 768-px models).",
+    )
+    center_crop: bool = Field(
+        default=False,
+        description="Crop images to a centred square before scaling, instead of stretching "
+        "them. Can cut off the tops of portrait-shaped subjects.",
+    )
+    train_batch_size: int = Field(
+        default_factory=default_batch_size,
+        description="Images per step on each GPU. Larger is faster but needs more memory. "
+        "Default: 8 when xformers is installed, else 3.",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        description="Add up gradients over this many batches before each update: a larger "
+        "effective batch in the same memory, at the cost of time per update.",
+    )
+    max_train_steps: int = Field(
+        default=3000,
+        description="Number of updates to train for. Most concepts converge in 2000-3000.",
+    )
+    learning_rate: float = Field(
+        default=5e-4,
+        description="Step size of the updates. Higher learns faster but risks over-training "
+        "(every image alike); 5e-4 is conservative, 5e-3 is fast.",
+    )
+    scale_lr: bool = Field(
+        default=True,
+        description="Multiply the learning rate by GPUs x batch size x accumulation steps, "
+        "so that larger effective batches keep the same per-image learning speed.",
+    )
+    lr_scheduler: LrScheduler = Field(
+        default="constant",
+        description="How the learning rate changes over the run: " + ", ".join(LR_SCHEDULERS) + ".",
+    )
+    lr_warmup_steps: int = Field(
+        default=0,
+        description="Updates over which the learning rate ramps up from zero. Only used by "
+        "schedulers with warmup (constant_with_warmup, linear, cosine, ...), not 'constant'.",
+    )
+    adam_beta1: float = Field(default=0.9, description="AdamW's first-moment decay.")
+    adam_beta2: float = Field(default=0.999, description="AdamW's second-moment decay.")
+    adam_weight_decay: float = Field(
+        default=1e-2, description="AdamW's weight decay on the learned vectors."
+    )
+    adam_epsilon: float = Field(default=1e-8, description="AdamW's epsilon.")
+    mixed_precision: MixedPrecision = Field(
+        default_factory=default_mixed_precision,
+        description="Run the frozen model in 16-bit: 'fp16' (GPUs), 'bf16' (recent GPUs and "
+        "CPUs) or 'no' (full 32-bit). The learned vectors always stay 32-bit. "
+        "Default: fp16 with a CUDA GPU, else no.",
+    )
+    enable_xformers_memory_efficient_attention: bool = Field(
+        default_factory=xformers_installed,
+        description="Use xformers attention (less memory, allows larger batches). Without "
+        "xformers installed, torch's scaled-dot-product attention is used instead. "
+        "Default: on when xformers is installed.",
+    )
+    seed: int | None = Field(
+        default=None,
+        description="Random seed for a reproducible run. Default: a fresh one, recorded in "
+        "the output so the run can be repeated.",
+    )
+    checkpointing_steps: int = Field(
+        default=500,
+        description="Save a resumable checkpoint every this many updates (each is a few MB).",
+    )
+    resume_from_checkpoint: str | None = Field(
+        default=None,
+        description="Continue an interrupted run: 'latest' (the newest checkpoint in the "
+        "output folder) or the path of a checkpoint folder.",
+    )
+    only_save_embeds: bool = Field(
+        default=True,
+        description="Save only the learned embedding (small). With --no-only_save_embeds a "
+        "complete diffusers pipeline with the new word built in is saved too.",
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Replace an embedding or checkpoints that the output folder already holds "
+        "from an earlier run, instead of stopping with an error.",
+    )
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _token_is_one_word(cls, value: str) -> str:
+        if not value.strip() or any(ch.isspace() for ch in value.strip()):
+            raise ValueError(
+                f"{value!r} must be one word without spaces, for example '<psychedelic>'"
+            )
+        if not trigger_of(value):
+            raise ValueError(f"{value!r} has no name inside the angle brackets")
+        return value.strip()
+
+    @field_validator("initializer_token")
+    @classmethod
+    def _initializer_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a single token such as '*' or 'painting'")
+        return value.strip()
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"must be a positive multiple of 8, such as 512 (got {value})")
+        return value
+
+    @field_validator(
+        "num_vectors",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "checkpointing_steps",
+    )
+    @classmethod
+    def _positive_int(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be a positive whole number (got {value})")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_float(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"must be a positive number such as 5e-4 (got {value})")
+        return value
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be zero or more (got {value})")
+        return value
+
+    @field_validator("train_data_dir", mode="after")
+    @classmethod
+    def _data_dir_holds_images(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Default to ROOT/text-inversion-training-data/<trigger>, then check it has images."""
+        folder = value or _per_trigger_folder(info, "text-inversion-training-data")
+        if folder is None:
+            return None
+        folder = folder.expanduser()
+        if not folder.is_dir():
+            raise ValueError(
+                f"folder {folder} does not exist; put 3-20 images of your subject there "
+                "or pass --train_data_dir"
+            )
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file()):
+            raise ValueError(
+                f"folder {folder} holds no PNG, JPEG or WebP images; add 3-20 pictures "
+                "of your subject"
+            )
+        return folder
+
+    @field_validator("output_dir", mode="after")
+    @classmethod
+    def _default_output_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        """Default to ROOT/text-inversion-output/<trigger>, as the manual describes."""
+        folder = value or _per_trigger_folder(info, "text-inversion-output")
+        return folder.expanduser() if folder else None
+
+    @property
+    def trigger(self) -> str:
+        return trigger_of(self.placeholder_token)
+
+    @property
+    def data_dir(self) -> Path:
+        """The training-image folder, always set once validated."""
+        assert self.train_data_dir is not None
+        return self.train_data_dir
+
+    @property
+    def out_dir(self) -> Path:
+        """The output folder, always set once validated."""
+        assert self.output_dir is not None
+        return self.output_dir
+
+
+def _per_trigger_folder(info: ValidationInfo, kind: str) -> Path | None:
+    """ROOT/<kind>/<trigger>, or None while the token itself is invalid."""
+    token = info.data.get("placeholder_token")
+    root = info.data.get("root")
+    if token is None or root is None:
+        return None
+    return Path(root) / kind / trigger_of(token)

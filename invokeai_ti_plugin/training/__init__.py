@@ -1,0 +1,1 @@
+"""The trainer: diffusers, transformers and accelerate only; it knows nothing of InvokeAI."""

@@ -1,0 +1,89 @@
+"""Training images: read anything a user might drop in a folder, as model-ready tensors.
+
+Photos arrive as RGBA, palette, grayscale, 16-bit or EXIF-rotated files; each is turned into
+plain 8-bit RGB the way a viewer shows it, so the model learns what the user saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..config import IMAGE_SUFFIXES
+from ..errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+@dataclass(frozen=True)
+class TrainingImage:
+    """One usable image: its file and its pixels scaled to the training resolution."""
+
+    path: Path
+    pixels: torch.Tensor  # [3, H, W], float32 in [-1, 1]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files of a folder, in a stable order so runs are reproducible."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB; transparency is laid over white, 16-bit scaled to 8-bit."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def to_training_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+    """Square at the training size: centre-cropped first, or stretched, as the user chose."""
+    if center_crop:
+        side = min(image.size)
+        left = (image.width - side) // 2
+        top = (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] in [-1, 1], the range the VAE was trained on."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_training_images(folder: Path, resolution: int, center_crop: bool) -> list[TrainingImage]:
+    """Every readable image of the folder; unreadable ones are skipped with a warning."""
+    images: list[TrainingImage] = []
+    for path in image_files(folder):
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                rgb = to_rgb(opened)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            logger.warning("skipping %s: not a readable image (%s)", path.name, error)
+            continue
+        square = to_training_square(rgb, resolution, center_crop)
+        images.append(TrainingImage(path, to_tensor(square)))
+    if not images:
+        raise UserInputError(
+            f"none of the image files in {folder} could be read; add 3-20 PNG, JPEG or "
+            "WebP pictures of your subject",
+            option="train_data_dir",
+        )
+    return images

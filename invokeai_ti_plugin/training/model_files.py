@@ -1,0 +1,121 @@
+"""Reading a diffusers Stable Diffusion folder: what it is, and its parts for training.
+
+`inspect_model` reads only JSON configs, so listing models and choosing defaults stays instant;
+`load_model_parts` loads the weights once the run really starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..errors import UserInputError
+
+Base = Literal["sd-1", "sd-2", "sdxl", "sdxl-refiner"]
+TRAINABLE_BASES: tuple[Base, ...] = ("sd-1", "sd-2")
+
+# The UNet's cross-attention width tells the family apart, as InvokeAI's own probe does.
+_BASE_BY_CROSS_ATTENTION_DIM: dict[int, Base] = {
+    768: "sd-1",
+    1024: "sd-2",
+    2048: "sdxl",
+    1280: "sdxl-refiner",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What training needs to know about a model before loading it."""
+
+    folder: Path
+    base: Base
+    token_dim: int
+    native_resolution: int
+    prediction_type: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as file:
+        data: dict[str, Any] = json.load(file)
+    return data
+
+
+def _not_a_pipeline(folder: Path, why: str) -> UserInputError:
+    return UserInputError(
+        f"{folder} is not a Stable Diffusion 1.x/2.x diffusers pipeline folder ({why}); pass "
+        "the folder that holds model_index.json, unet/ and text_encoder/",
+        option="model",
+    )
+
+
+def inspect_model(folder: Path) -> ModelInfo:
+    """Identify a diffusers Stable Diffusion folder from its configs alone."""
+    if not (folder / "model_index.json").is_file():
+        raise _not_a_pipeline(folder, "no model_index.json")
+    try:
+        unet = _read_json(folder / "unet" / "config.json")
+        text_encoder = _read_json(folder / "text_encoder" / "config.json")
+        vae = _read_json(folder / "vae" / "config.json")
+        scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
+    except (OSError, ValueError) as error:
+        raise _not_a_pipeline(folder, f"missing or broken config: {error}") from error
+    base = _BASE_BY_CROSS_ATTENTION_DIM.get(int(unet.get("cross_attention_dim", 0) or 0))
+    if base is None:
+        raise _not_a_pipeline(
+            folder, f"unknown UNet cross_attention_dim {unet.get('cross_attention_dim')}"
+        )
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return ModelInfo(
+        folder=folder,
+        base=base,
+        token_dim=int(text_encoder["hidden_size"]),
+        native_resolution=int(unet.get("sample_size", 64)) * vae_scale,
+        prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+    )
+
+
+def require_trainable(info: ModelInfo) -> None:
+    """Refuse model families this trainer does not handle yet, with the reason."""
+    if info.base not in TRAINABLE_BASES:
+        raise UserInputError(
+            f"{info.folder} is an {info.base} model; this version trains embeddings for "
+            "Stable Diffusion 1.x and 2.x models only",
+            option="model",
+        )
+
+
+@dataclass
+class ModelParts:
+    """The frozen model pieces a textual-inversion run uses."""
+
+    info: ModelInfo
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> ModelParts:
+    """Load the weights in `dtype`, frozen and in eval mode: only the new vectors will learn."""
+    folder = str(info.folder)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype
+        )
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, KeyError) as error:
+        raise _not_a_pipeline(info.folder, f"cannot load it: {error}") from error
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.eval()
+    return ModelParts(info, tokenizer, text_encoder, vae, unet, noise_scheduler)

@@ -1,0 +1,545 @@
+"""The textual-inversion training run, on HF Accelerate.
+
+One process trains on one device; `accelerate launch` of the same command runs it data-parallel
+over GPUs or machines. Only the new word's vectors are trained; the model is frozen, runs in the
+chosen precision, and the VAE encodes each image once before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+
+from ..atomic_files import write_json_atomically
+from ..config import TrainingConfig, xformers_installed
+from ..errors import UserInputError
+from .checkpoints import (
+    TrainingSnapshot,
+    begin_checkpoint,
+    checkpoints_root,
+    finish_checkpoint,
+    list_checkpoints,
+    load_process_state,
+    load_snapshot,
+    resolve_checkpoint,
+    save_process_state,
+)
+from .embedding_file import EMBEDDING_FILENAME, save_embedding, token_dimension_mismatch
+from .examples import ExampleSampler
+from .images import load_training_images
+from .latent_cache import LatentCache
+from .model_files import ModelInfo, ModelParts, inspect_model, load_model_parts, require_trainable
+from .new_tokens import (
+    add_placeholder_tokens,
+    initializer_vectors,
+    install_placeholder_embedding,
+    placeholder_tokens,
+)
+from .objective import denoising_loss
+from .prompts import training_prompts
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILENAME = "embedding.json"
+HISTORY_FILENAME = "history.jsonl"
+LOG_DIRNAME = "logs"
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """Sent after every update, on the main process."""
+
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    seconds_per_step: float
+
+    @property
+    def seconds_left(self) -> float:
+        return (self.total_steps - self.step) * self.seconds_per_step
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    embedding_path: Path
+    summary_path: Path
+    steps: int
+    completed: bool
+    checkpoint: Path
+    model: ModelInfo
+    trigger: str
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+
+
+class Trainer:
+    """Runs one training; `request_stop` (also bound to Ctrl-C) ends it after the current update
+    with a checkpoint and the embedding so far."""
+
+    def __init__(self, config: TrainingConfig, on_progress: ProgressCallback | None = None) -> None:
+        self.config = config
+        self.on_progress = on_progress
+        self._stop_requested = False
+        self.model_parts: ModelParts | None = None  # the last run's (frozen) model, to inspect
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def run(self) -> TrainingResult:
+        with _stop_on_interrupt(self):
+            return self._run()
+
+    def _run(self) -> TrainingResult:
+        config = self.config
+        info = inspect_model(Path(config.model).expanduser())
+        require_trainable(info)
+        resolution = config.resolution or info.native_resolution
+        out = config.out_dir
+        resume_from = resolve_checkpoint(out, config.resume_from_checkpoint)
+        if config.resume_from_checkpoint == "latest" and resume_from is None:
+            logger.info("no checkpoint in %s yet: starting a new run", out)
+        snapshot = load_snapshot(resume_from) if resume_from else None
+        _prepare_output_dir(out, fresh=snapshot is None, overwrite=config.overwrite)
+        images = load_training_images(config.data_dir, resolution, config.center_crop)
+        mixed_precision = _usable_mixed_precision(config.mixed_precision)
+        logger.info("loading %s (%s)", info.folder, info.base)
+        parts = load_model_parts(info, _DTYPES[mixed_precision])
+        self.model_parts = parts
+        token_ids = add_placeholder_tokens(
+            parts.tokenizer, config.placeholder_token, config.num_vectors
+        )
+        start = initializer_vectors(
+            parts.tokenizer, parts.text_encoder, config.initializer_token, config.num_vectors
+        )
+        if snapshot is not None:
+            _check_resumable(snapshot, config, info)
+        seed = int(snapshot.facts["seed"]) if snapshot else _choose_seed(config.seed)
+
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=mixed_precision,
+            project_dir=str(out),
+        )
+        with _accelerator_session(accelerator):
+            run = _Run(self, accelerator, parts, token_ids, start, images, resolution, seed)
+            if snapshot is not None and resume_from is not None:
+                run.restore(snapshot, resume_from)
+            elif accelerator.is_main_process:
+                _clear_previous_run(out)
+            _attach_log_file(out, accelerator)
+            return run.train()
+
+
+class _Run:
+    """The state of one training run on one process."""
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        accelerator: Accelerator,
+        parts: ModelParts,
+        token_ids: list[int],
+        start_vectors: torch.Tensor,
+        images: list[Any],
+        resolution: int,
+        seed: int,
+    ) -> None:
+        self.trainer = trainer
+        self.config = trainer.config
+        self.accelerator = accelerator
+        self.parts = parts
+        self.seed = seed
+        self.resolution = resolution
+        self.step = 0
+        device = accelerator.device
+        _choose_attention(parts, self.config.enable_xformers_memory_efficient_attention)
+
+        parts.vae.to(device)
+        pixels = torch.stack([image.pixels for image in images])
+        logger.info("encoding %d images once (with flips) at %d px", len(images), resolution)
+        self.latents = LatentCache.encode(parts.vae, pixels, with_flips=True)
+        parts.vae.to("cpu")  # not needed again during training: free the device's memory
+
+        parts.unet.to(device)
+        parts.text_encoder.to(device)
+        self.placeholder = install_placeholder_embedding(
+            parts.text_encoder, token_ids, start_vectors
+        )
+
+        token_text = " ".join(
+            placeholder_tokens(self.config.placeholder_token, self.config.num_vectors)
+        )
+        prompts = training_prompts(token_text, self.config.learnable_property)
+        self.prompt_ids = parts.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=parts.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+
+        self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+        self.sampler = ExampleSampler(
+            len(images), len(prompts), flip=True, generator=self.generator
+        )
+
+        learning_rate = self.config.learning_rate
+        if self.config.scale_lr:
+            learning_rate *= (
+                self.config.gradient_accumulation_steps
+                * self.config.train_batch_size
+                * accelerator.num_processes
+            )
+        optimizer = torch.optim.AdamW(
+            [self.placeholder.vectors],
+            lr=learning_rate,
+            betas=(self.config.adam_beta1, self.config.adam_beta2),
+            weight_decay=self.config.adam_weight_decay,
+            eps=self.config.adam_epsilon,
+        )
+        self.lr_scheduler = get_scheduler(
+            self.config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=self.config.lr_warmup_steps,
+            num_training_steps=self.config.max_train_steps,
+        )
+        self.text_encoder, self.optimizer = accelerator.prepare(parts.text_encoder, optimizer)
+        self.history = _History(self.config.out_dir / LOG_DIRNAME / HISTORY_FILENAME, accelerator)
+
+    def restore(self, snapshot: TrainingSnapshot, folder: Path) -> None:
+        """Continue from a checkpoint exactly as if the run had never stopped."""
+        with torch.no_grad():
+            self.placeholder.vectors.copy_(snapshot.vectors.to(self.placeholder.vectors.device))
+        self.optimizer.load_state_dict(snapshot.optimizer)
+        self.lr_scheduler.load_state_dict(snapshot.lr_scheduler)
+        self.sampler.load_state_dict(load_process_state(folder, self.accelerator.process_index))
+        self.step = snapshot.step
+        self.history.truncate(self.step)
+        logger.info("resuming from %s at step %d", folder, self.step)
+
+    def train(self) -> TrainingResult:
+        config = self.config
+        accelerator = self.accelerator
+        logger.info(
+            "training %s for %d steps (batch %d x %d accumulation x %d processes)",
+            config.placeholder_token,
+            config.max_train_steps,
+            config.train_batch_size,
+            config.gradient_accumulation_steps,
+            accelerator.num_processes,
+        )
+        seconds_per_step = 0.0
+        last = time.perf_counter()
+        stopped = False
+        while self.step < config.max_train_steps:
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for _ in range(config.gradient_accumulation_steps):
+                with accelerator.accumulate(self.text_encoder), accelerator.autocast():
+                    loss = self._loss_of_next_batch()
+                    accelerator.backward(loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            if not self.optimizer.step_was_skipped:
+                self.lr_scheduler.step()
+            self.step += 1
+            loss_value = (
+                float(accelerator.reduce(loss_sum, "mean")) / config.gradient_accumulation_steps
+            )
+            now = time.perf_counter()
+            elapsed, last = now - last, now
+            seconds_per_step = (
+                elapsed if seconds_per_step == 0 else 0.9 * seconds_per_step + 0.1 * elapsed
+            )
+            learning_rate = float(self.lr_scheduler.get_last_lr()[0])
+            self.history.add(self.step, loss_value, learning_rate)
+            if accelerator.is_main_process and self.trainer.on_progress:
+                self.trainer.on_progress(
+                    ProgressUpdate(
+                        self.step,
+                        config.max_train_steps,
+                        loss_value,
+                        learning_rate,
+                        seconds_per_step,
+                    )
+                )
+            if self._stop_is_requested():
+                stopped = True
+                break
+            if self.step % config.checkpointing_steps == 0 and self.step < config.max_train_steps:
+                self.save_checkpoint()
+        checkpoint = self.save_checkpoint()
+        return self._finish(completed=not stopped, checkpoint=checkpoint)
+
+    def _loss_of_next_batch(self) -> torch.Tensor:
+        batch = self.sampler.next_batch(self.config.train_batch_size)
+        device = self.accelerator.device
+        latents = self.latents.sample(batch.image_index, batch.flipped, self.generator).to(device)
+        noise = torch.randn(latents.shape, generator=self.generator).to(device)
+        num_timesteps = self.parts.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=self.generator).to(
+            device
+        )
+        hidden_states = self.text_encoder(self.prompt_ids[batch.prompt_index.to(device)])[0]
+        return denoising_loss(
+            self.parts.unet, self.parts.noise_scheduler, latents, hidden_states, noise, timesteps
+        )
+
+    def _stop_is_requested(self) -> bool:
+        """All processes stop together, whichever of them was interrupted."""
+        flag = torch.tensor(float(self.trainer._stop_requested), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        return bool(flag.item())
+
+    def _facts(self) -> dict[str, Any]:
+        info = self.parts.info
+        return {
+            "placeholder_token": self.config.placeholder_token,
+            "trigger": self.config.trigger,
+            "base": info.base,
+            "token_dimension": info.token_dim,
+            "num_vectors": self.config.num_vectors,
+            "seed": self.seed,
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    def save_checkpoint(self) -> Path:
+        accelerator = self.accelerator
+        out = self.config.out_dir
+        temp = checkpoints_root(out) / f".checkpoint-{self.step}.partial"
+        if accelerator.is_main_process:
+            begin_checkpoint(out, self.step)
+        accelerator.wait_for_everyone()
+        save_process_state(temp, accelerator.process_index, self.sampler.state_dict())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            snapshot = TrainingSnapshot(
+                step=self.step,
+                vectors=self.placeholder.vectors,
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                facts=self._facts(),
+            )
+            finish_checkpoint(temp, out, snapshot)
+            logger.info("saved checkpoint at step %d", self.step)
+        accelerator.wait_for_everyone()
+        return checkpoints_root(out) / f"checkpoint-{self.step}"
+
+    def _finish(self, completed: bool, checkpoint: Path) -> TrainingResult:
+        out = self.config.out_dir
+        embedding_path = out / EMBEDDING_FILENAME
+        summary_path = out / SUMMARY_FILENAME
+        facts = self._facts()
+        if self.accelerator.is_main_process:
+            metadata = {key: str(value) for key, value in facts.items() if key != "num_processes"}
+            save_embedding(
+                embedding_path, self.placeholder.vectors, {**metadata, "steps": str(self.step)}
+            )
+            summary = {
+                **facts,
+                "model": self.config.model,
+                "model_folder": str(self.parts.info.folder),
+                "resolution": self.resolution,
+                "steps": self.step,
+                "completed": completed,
+                "embedding": EMBEDDING_FILENAME,
+                "options": self.config.model_dump(mode="json"),
+            }
+            write_json_atomically(summary_path, summary)
+            if not self.config.only_save_embeds:
+                _export_pipeline(
+                    self.parts.info.folder, embedding_path, self.config.placeholder_token, out
+                )
+            logger.info(
+                "%s embedding after %d steps: %s",
+                "finished" if completed else "stopped early; saved the",
+                self.step,
+                embedding_path,
+            )
+        self.accelerator.wait_for_everyone()
+        return TrainingResult(
+            embedding_path,
+            summary_path,
+            self.step,
+            completed,
+            checkpoint,
+            self.parts.info,
+            self.config.trigger,
+        )
+
+
+class _History:
+    """Loss and learning rate of every update, for plots; truncated on resume."""
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
+        self.path = path
+        self.enabled = accelerator.is_main_process
+        if self.enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def add(self, step: int, loss: float, learning_rate: float) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as file:
+                file.write(json.dumps({"step": step, "loss": loss, "lr": learning_rate}) + "\n")
+
+
+def _choose_seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(2**31)
+
+
+def _usable_mixed_precision(requested: str) -> str:
+    if requested == "fp16" and not torch.cuda.is_available():
+        logger.warning("fp16 needs a CUDA GPU; training in full precision on this device")
+        return "no"
+    return requested
+
+
+@contextmanager
+def _accelerator_session(accelerator: Accelerator) -> Iterator[None]:
+    """End the accelerate session cleanly so processes exit and the next run starts afresh."""
+    try:
+        yield
+    finally:
+        accelerator.end_training()
+        accelerator.free_memory()
+
+
+def _choose_attention(parts: ModelParts, want_xformers: bool) -> None:
+    """xformers when asked and installed; otherwise torch's SDPA (diffusers' default)."""
+    if not want_xformers:
+        return
+    if not xformers_installed():
+        logger.warning("xformers is not installed; using torch's scaled-dot-product attention")
+        return
+    parts.unet.enable_xformers_memory_efficient_attention()
+
+
+def _prepare_output_dir(out: Path, fresh: bool, overwrite: bool) -> None:
+    """Writable, and not hiding an earlier run that a fresh start would clobber."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserInputError(
+            f"cannot write to {out} ({error.strerror or error}); choose a writable --output_dir",
+            option="output_dir",
+        ) from error
+    if fresh and not overwrite and ((out / EMBEDDING_FILENAME).exists() or list_checkpoints(out)):
+        raise UserInputError(
+            f"{out} already holds an embedding or checkpoints from an earlier run; pass "
+            "--resume_from_checkpoint latest to continue it, or --overwrite to start over",
+            option="output_dir",
+        )
+
+
+def _clear_previous_run(out: Path) -> None:
+    """A fresh run (allowed to overwrite) starts without the old run's checkpoints and log."""
+    shutil.rmtree(checkpoints_root(out), ignore_errors=True)
+    (out / LOG_DIRNAME / HISTORY_FILENAME).unlink(missing_ok=True)
+
+
+def _check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: ModelInfo) -> None:
+    facts = snapshot.facts
+    if int(facts["token_dimension"]) != info.token_dim:
+        raise token_dimension_mismatch(
+            config.trigger, int(facts["token_dimension"]), info.token_dim
+        )
+    if (
+        facts["placeholder_token"] != config.placeholder_token
+        or int(facts["num_vectors"]) != config.num_vectors
+    ):
+        raise UserInputError(
+            f"the checkpoint trains {facts['placeholder_token']} with {facts['num_vectors']} "
+            f"vector(s), not {config.placeholder_token} with {config.num_vectors}; resume with "
+            "the same token and --num_vectors, or use another --output_dir",
+            option="resume_from_checkpoint",
+        )
+
+
+def _attach_log_file(out: Path, accelerator: Accelerator) -> None:
+    """Keep a log of the run beside its outputs (main process)."""
+    if not accelerator.is_main_process:
+        return
+    path = out / LOG_DIRNAME / "train.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    package_logger = logging.getLogger("invokeai_ti_plugin")
+    for handler in package_logger.handlers:
+        if (
+            isinstance(handler, logging.FileHandler)
+            and Path(handler.baseFilename) == path.resolve()
+        ):
+            return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package_logger.addHandler(handler)
+    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+
+
+def _export_pipeline(model_folder: Path, embedding_path: Path, token: str, out: Path) -> None:
+    """A whole diffusers pipeline with the new word built in (--no-only_save_embeds)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
+    pipeline.load_textual_inversion(str(embedding_path), token=token)
+    target = out / "pipeline"
+    temp = out / ".pipeline.partial"
+    shutil.rmtree(temp, ignore_errors=True)
+    pipeline.save_pretrained(str(temp))
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)
+    logger.info("saved a pipeline with %s built in: %s", token, target)
+
+
+@contextmanager
+def _stop_on_interrupt(trainer: Trainer) -> Iterator[None]:
+    """First Ctrl-C: finish the update, save, stop. Second Ctrl-C: stop at once."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread: the caller stops us with request_stop
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        logger.warning("stopping after this step; saving a checkpoint (Ctrl-C again to abort)")
+
+    try:
+        signal.signal(signal.SIGINT, handle)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,230 @@
+"""Training on real tiny pipelines: it learns, only the new word changes, and resume is exact."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from invokeai_ti_plugin.config import TrainingConfig
+from invokeai_ti_plugin.training.checkpoints import list_checkpoints
+from invokeai_ti_plugin.training.embedding_file import load_embedding
+from invokeai_ti_plugin.training.images import load_training_images
+from invokeai_ti_plugin.training.latent_cache import LatentCache
+from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.new_tokens import (
+    add_placeholder_tokens,
+    initializer_vectors,
+    install_placeholder_embedding,
+)
+from invokeai_ti_plugin.training.objective import denoising_loss
+from invokeai_ti_plugin.training.prompts import training_prompts
+from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+
+MakeConfig = Callable[..., TrainingConfig]
+
+
+def _fixed_eval_loss(config: TrainingConfig, vectors: torch.Tensor) -> float:
+    """Mean loss over all images and prompts with fixed noise and timesteps."""
+    info = inspect_model(Path(config.model))
+    parts = load_model_parts(info)
+    ids = add_placeholder_tokens(parts.tokenizer, config.placeholder_token, 1)
+    install_placeholder_embedding(parts.text_encoder, ids, vectors)
+    images = load_training_images(config.data_dir, info.native_resolution, False)
+    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), with_flips=False)
+    prompts = training_prompts(config.placeholder_token, config.learnable_property)
+    prompt_ids = parts.tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    generator = torch.Generator().manual_seed(99)
+    losses = []
+    with torch.no_grad():
+        for repeat in range(6):
+            index = torch.arange(len(images))
+            latents = cache.sample(index, torch.zeros_like(index, dtype=torch.bool), generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
+            chosen = prompt_ids[(index + repeat) % len(prompts)]
+            hidden = parts.text_encoder(chosen)[0]
+            losses.append(
+                denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps)
+            )
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_on_the_training_images(make_config: MakeConfig) -> None:
+    config = make_config(max_train_steps=40, learning_rate=5e-2, checkpointing_steps=100)
+    info = inspect_model(Path(config.model))
+    parts = load_model_parts(info)
+    ids = add_placeholder_tokens(parts.tokenizer, config.placeholder_token, 1)
+    start = initializer_vectors(parts.tokenizer, parts.text_encoder, config.initializer_token, 1)
+    assert len(ids) == 1
+    result = Trainer(config).run()
+    trained, _ = load_embedding(result.embedding_path)
+    before = _fixed_eval_loss(config, start)
+    after = _fixed_eval_loss(config, trained)
+    assert after < before * 0.98, (before, after)
+
+
+def test_only_the_new_vectors_change(make_config: MakeConfig, sd1_model: Path) -> None:
+    config = make_config(max_train_steps=3)
+    trainer = Trainer(config)
+    trainer.run()
+    assert trainer.model_parts is not None
+    trained = trainer.model_parts
+    original = load_model_parts(inspect_model(sd1_model))
+
+    for name in ("unet", "vae"):
+        before = getattr(original, name).state_dict()
+        after = getattr(trained, name).state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            assert torch.equal(value, after[key].cpu()), f"{name}.{key} changed"
+
+    table_key = "text_model.embeddings.token_embedding.weight"
+    before = original.text_encoder.state_dict()
+    after = {
+        key.replace("token_embedding.frozen.", "token_embedding."): value
+        for key, value in trained.text_encoder.state_dict().items()
+        if not key.endswith("token_embedding.vectors")
+    }
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key].cpu()), f"text_encoder.{key} changed"
+    assert after[table_key].shape == (49408, 768)  # the table did not grow
+
+    vectors, _ = load_embedding(config.out_dir / "learned_embeds.safetensors")
+    start = initializer_vectors(original.tokenizer, original.text_encoder, "ball", 1)
+    assert not torch.equal(vectors, start), "the new vector did not learn"
+
+
+def test_outputs_describe_the_run(make_config: MakeConfig) -> None:
+    config = make_config(max_train_steps=3, checkpointing_steps=2)
+    result = Trainer(config).run()
+    assert result.completed and result.steps == 3
+    vectors, metadata = load_embedding(result.embedding_path)
+    assert vectors.shape == (1, 768) and vectors.dtype == torch.float32
+    assert metadata["placeholder_token"] == "<striped-ball>"
+    assert metadata["base"] == "sd-1"
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["base"] == "sd-1"
+    assert summary["token_dimension"] == 768
+    assert summary["num_vectors"] == 1
+    assert summary["steps"] == 3
+    assert summary["trigger"] == "striped-ball"
+    assert summary["seed"] == 1234
+    assert summary["resolution"] == 64  # the tiny model's native size
+    assert summary["options"]["learning_rate"] == config.learning_rate
+    assert [p.name for p in list_checkpoints(config.out_dir)] == ["checkpoint-2", "checkpoint-3"]
+    history = (config.out_dir / "logs" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
+    assert "training <striped-ball>" in (config.out_dir / "logs" / "train.log").read_text()
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    steps = 6
+    whole = make_config(max_train_steps=steps, output_dir=tmp_path / "whole", checkpointing_steps=2)
+    uninterrupted = Trainer(whole).run()
+
+    parted = make_config(
+        max_train_steps=steps, output_dir=tmp_path / "parted", checkpointing_steps=2
+    )
+    trainer = Trainer(parted)
+
+    def stop_at_three(update: ProgressUpdate) -> None:
+        if update.step == 3:
+            trainer.request_stop()
+
+    trainer.on_progress = stop_at_three
+    stopped = trainer.run()
+    assert not stopped.completed and stopped.steps == 3
+    partial, _ = load_embedding(stopped.embedding_path)
+
+    resumed_config = parted.model_copy(update={"resume_from_checkpoint": "latest"})
+    resumed = Trainer(resumed_config).run()
+    assert resumed.completed and resumed.steps == steps
+
+    expected, _ = load_embedding(uninterrupted.embedding_path)
+    got, _ = load_embedding(resumed.embedding_path)
+    assert not torch.allclose(partial, expected, atol=1e-6), "stopping early made no difference"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    losses = [
+        [
+            json.loads(line)["loss"]
+            for line in (run / "logs" / "history.jsonl").read_text().splitlines()
+        ]
+        for run in (tmp_path / "whole", tmp_path / "parted")
+    ]
+    assert len(losses[1]) == steps
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-6)
+
+
+def test_v_prediction_model_trains_against_the_velocity(
+    make_config: MakeConfig, sd2_model: Path
+) -> None:
+    info = inspect_model(sd2_model)
+    assert (info.base, info.token_dim, info.prediction_type) == ("sd-2", 1024, "v_prediction")
+    parts = load_model_parts(info)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    noise = torch.randn(2, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([10, 900])
+    hidden = torch.randn(2, 77, 1024, generator=generator)
+    with torch.no_grad():
+        loss = denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps)
+        noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = parts.unet(noisy, timesteps, hidden).sample
+    velocity = parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(prediction, velocity))
+    assert not torch.allclose(loss, torch.nn.functional.mse_loss(prediction, noise))
+
+    result = Trainer(make_config(model=str(sd2_model), max_train_steps=2)).run()
+    vectors, metadata = load_embedding(result.embedding_path)
+    assert vectors.shape == (1, 1024) and metadata["base"] == "sd-2"
+
+
+def test_diffusers_loads_the_embedding_and_the_word_means_something_new(
+    make_config: MakeConfig, sd1_model: Path
+) -> None:
+    result = Trainer(make_config(max_train_steps=3)).run()
+    pipeline = StableDiffusionPipeline.from_pretrained(str(sd1_model), safety_checker=None)
+    pipeline.load_textual_inversion(str(result.embedding_path), token="<striped-ball>")
+    trained, _ = load_embedding(result.embedding_path)
+    token_id = pipeline.tokenizer.convert_tokens_to_ids("<striped-ball>")
+    table = pipeline.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(table[token_id], trained[0])
+
+    def encode(prompt: str) -> torch.Tensor:
+        ids = pipeline.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            return pipeline.text_encoder(ids.input_ids)[0]
+
+    assert not torch.allclose(encode("a photo of a <striped-ball>"), encode("a photo of a ball"))
+    image = pipeline(
+        "a photo of a <striped-ball>", num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_cached_latents_match_encoding_every_step(sd1_model: Path, object_images: Path) -> None:
+    parts = load_model_parts(inspect_model(sd1_model))
+    images = load_training_images(object_images, 64, False)
+    pixels = torch.stack([image.pixels for image in images])
+    cache = LatentCache.encode(parts.vae, pixels, with_flips=True)
+    index = torch.tensor([2, 0])
+    flipped = torch.tensor([True, False])
+    cached = cache.sample(index, flipped, torch.Generator().manual_seed(5))
+
+    batch = torch.stack([torch.flip(pixels[2], dims=[-1]), pixels[0]])
+    with torch.no_grad():
+        dist = parts.vae.encode(batch).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
+    direct = (dist.mean + dist.std * noise) * parts.vae.config.scaling_factor
+    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5)
