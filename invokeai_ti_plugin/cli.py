@@ -166,10 +166,11 @@ def setup_logging() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    handler = _AboveProgressBar()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger = logging.getLogger("invokeai_ti_plugin")
-    package_logger.addHandler(handler)
+    if not any(isinstance(handler, _AboveProgressBar) for handler in package_logger.handlers):
+        handler = _AboveProgressBar()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
 
 

@@ -116,7 +116,8 @@ class Trainer:
         if config.resume_from_checkpoint == "latest" and resume_from is None:
             logger.info("no checkpoint in %s yet: starting a new run", out)
         snapshot = load_snapshot(resume_from) if resume_from else None
-        _prepare_output_dir(out, fresh=snapshot is None, overwrite=config.overwrite)
+        if snapshot is None and not config.overwrite:
+            _refuse_to_clobber(out)
         images = load_training_images(config.data_dir, resolution, config.center_crop)
         mixed_precision = _usable_mixed_precision(config.mixed_precision)
         logger.info("loading %s (%s)", info.folder, info.base)
@@ -131,6 +132,7 @@ class Trainer:
         if snapshot is not None:
             _check_resumable(snapshot, config, info)
         seed = int(snapshot.facts["seed"]) if snapshot else _choose_seed(config.seed)
+        _make_writable(out)
 
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -440,8 +442,18 @@ def _choose_attention(parts: ModelParts, want_xformers: bool) -> None:
     parts.unet.enable_xformers_memory_efficient_attention()
 
 
-def _prepare_output_dir(out: Path, fresh: bool, overwrite: bool) -> None:
-    """Writable, and not hiding an earlier run that a fresh start would clobber."""
+def _refuse_to_clobber(out: Path) -> None:
+    """A fresh run must not silently replace an earlier run's embedding or checkpoints."""
+    if (out / EMBEDDING_FILENAME).exists() or list_checkpoints(out):
+        raise UserInputError(
+            f"{out} already holds an embedding or checkpoints from an earlier run; pass "
+            "--resume_from_checkpoint latest to continue it, or --overwrite to start over",
+            option="output_dir",
+        )
+
+
+def _make_writable(out: Path) -> None:
+    """Create the output folder and prove it takes files, before any training time is spent."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -452,12 +464,6 @@ def _prepare_output_dir(out: Path, fresh: bool, overwrite: bool) -> None:
             f"cannot write to {out} ({error.strerror or error}); choose a writable --output_dir",
             option="output_dir",
         ) from error
-    if fresh and not overwrite and ((out / EMBEDDING_FILENAME).exists() or list_checkpoints(out)):
-        raise UserInputError(
-            f"{out} already holds an embedding or checkpoints from an earlier run; pass "
-            "--resume_from_checkpoint latest to continue it, or --overwrite to start over",
-            option="output_dir",
-        )
 
 
 def _clear_previous_run(out: Path) -> None:

@@ -1,0 +1,231 @@
+"""The `invokeai-ti` command: the manual's options, and bad input that costs nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.training.checkpoints import list_checkpoints
+
+from .conftest import write_image
+
+COMMAND = str(Path(sys.executable).parent / "invokeai-ti")
+
+MANUAL_OPTIONS = [
+    "--model",
+    "--resolution",
+    "--learnable_property",
+    "--initializer_token",
+    "--placeholder_token",
+    "--train_data_dir",
+    "--output_dir",
+    "--scale_lr",
+    "--no-scale_lr",
+    "--train_batch_size",
+    "--gradient_accumulation_steps",
+    "--max_train_steps",
+    "--learning_rate",
+    "--resume_from_checkpoint",
+    "--lr_scheduler",
+    "--lr_warmup_steps",
+    "--mixed_precision",
+    "--only_save_embeds",
+    "--center_crop",
+    "--enable_xformers_memory_efficient_attention",
+    "--seed",
+    "--checkpointing_steps",
+    "--gui",
+]
+
+
+def test_help_lists_every_option_of_the_manual() -> None:
+    shown = subprocess.run([COMMAND, "--help"], capture_output=True, text=True, check=True).stdout
+    for option in MANUAL_OPTIONS:
+        assert option in shown, option
+    assert "constant_with_warmup" in shown and "{no,fp16,bf16}" in shown
+    assert "(default: 0.0005)" in shown and "(default: 3000)" in shown
+
+
+def _args(sd1_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"--model={sd1_model}",
+        "--placeholder_token=<striped-ball>",
+        "--initializer_token=ball",
+        f"--train_data_dir={data}",
+        f"--output_dir={out}",
+        "--max_train_steps=2",
+        "--train_batch_size=2",
+        "--mixed_precision=no",
+        "--no-enable_xformers_memory_efficient_attention",
+        *extra,
+    ]
+
+
+def _fails_cleanly(
+    capsys: pytest.CaptureFixture[str], args: list[str], expected: str, out: Path
+) -> None:
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    error = errors[0]
+    assert error.startswith("invokeai-ti: error: "), error
+    assert expected in error, error
+    assert not out.exists() or not any(out.iterdir()), "a failed start wrote files"
+
+
+@pytest.fixture
+def empty_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder
+
+
+def test_missing_data_dir(capsys, sd1_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = _args(sd1_model, tmp_path / "missing", out)
+    _fails_cleanly(capsys, args, "--train_data_dir: folder", out)
+
+
+def test_data_dir_without_images(capsys, sd1_model: Path, empty_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, _args(sd1_model, empty_dir, out), "holds no PNG, JPEG or WebP", out)
+
+
+def test_data_dir_with_only_unreadable_images(capsys, sd1_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "bad"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, _args(sd1_model, data, out), "none of the image files", out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--placeholder_token=cat"], "'cat' is already a word of the model's vocabulary"),
+        (["--initializer_token=striped-ball"], "is 3 tokens for this model, not one"),
+        (["--resolution=500"], "--resolution: must be a positive multiple of 8"),
+        (["--max_train_steps=0"], "--max_train_steps: must be a positive whole number"),
+        (["--train_batch_size=0"], "--train_batch_size: must be a positive whole number"),
+        (["--learning_rate=0"], "--learning_rate: must be a positive number"),
+        (["--resume_from_checkpoint=/nowhere"], "is not a checkpoint folder"),
+        (["--gui"], "terminal form is not part of this version"),
+    ],
+)
+def test_bad_option(
+    capsys, sd1_model: Path, object_images: Path, tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, _args(sd1_model, object_images, out, *extra), expected, out)
+
+
+def test_model_that_is_not_a_pipeline(
+    capsys, empty_dir: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = _args(empty_dir, object_images, out)
+    _fails_cleanly(capsys, args, "is not a Stable Diffusion 1.x/2.x diffusers pipeline", out)
+
+
+def test_sdxl_model_is_refused_with_the_reason(
+    capsys, sdxl_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, _args(sdxl_model, object_images, out), "is an sdxl model", out)
+
+
+def test_unwritable_output_dir(capsys, sd1_model: Path, object_images: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    out = blocker / "out"
+    _fails_cleanly(capsys, _args(sd1_model, object_images, out), "cannot write to", out)
+
+
+def test_an_earlier_embedding_is_not_overwritten(
+    capsys, sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert main(_args(sd1_model, object_images, out)) == 0
+    embedding = out / "learned_embeds.safetensors"
+    before = embedding.read_bytes()
+    capsys.readouterr()
+    assert main(_args(sd1_model, object_images, out, "--seed=7")) == 2
+    assert "already holds an embedding" in capsys.readouterr().err
+    assert embedding.read_bytes() == before
+    assert main(_args(sd1_model, object_images, out, "--seed=7", "--overwrite")) == 0
+    assert embedding.read_bytes() != before
+
+
+def test_unreadable_images_among_good_ones_are_skipped(
+    capsys, sd1_model: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for index in range(3):
+        write_image(data / f"good{index}.png")
+    (data / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    assert main(_args(sd1_model, data, out)) == 0
+    assert "skipping broken.jpg" in capsys.readouterr().err
+    assert (out / "learned_embeds.safetensors").is_file()
+
+
+def test_full_pipeline_export(sd1_model: Path, object_images: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    assert main(_args(sd1_model, object_images, out, "--no-only_save_embeds")) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    assert len(pipeline.tokenizer("<striped-ball>", add_special_tokens=False).input_ids) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_the_embedding(
+    sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = _args(sd1_model, object_images, out, "--max_train_steps=100000", "--seed=3")
+    process = subprocess.Popen(
+        [COMMAND, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    history = out / "logs" / "history.jsonl"
+    deadline = time.monotonic() + 120
+    while not (history.is_file() and len(history.read_text().splitlines()) >= 2):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "Stopped at step" in stdout and "--resume_from_checkpoint latest" in stdout
+    steps_done = len(history.read_text().splitlines())
+    assert [p.name for p in list_checkpoints(out)][-1] == f"checkpoint-{steps_done}"
+    assert (out / "learned_embeds.safetensors").is_file()
+    assert not list(out.rglob("*.partial"))
+
+    resumed = _args(sd1_model, object_images, out, f"--max_train_steps={steps_done + 2}")
+    assert main([*resumed, "--resume_from_checkpoint=latest"]) == 0
+    assert len(history.read_text().splitlines()) == steps_done + 2
+
+
+def test_images_of_a_real_photo_size_train(sd1_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "photos"
+    data.mkdir()
+    for index in range(3):
+        Image.new("RGB", (300 + index * 10, 200), (index * 60, 80, 160)).save(data / f"{index}.jpg")
+    out = tmp_path / "out"
+    assert main(_args(sd1_model, data, out, "--center_crop", "--resolution=32")) == 0
