@@ -143,7 +143,9 @@ def test_sdxl_model_is_refused_with_the_reason(
     _fails_cleanly(capsys, _args(sdxl_model, object_images, out), "is an sdxl model", out)
 
 
-def test_unwritable_output_dir(capsys, sd1_model: Path, object_images: Path, tmp_path: Path) -> None:
+def test_unwritable_output_dir(
+    capsys, sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("in the way")
     out = blocker / "out"

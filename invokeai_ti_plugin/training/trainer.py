@@ -172,6 +172,8 @@ class _Run:
         self.step = 0
         device = accelerator.device
         _choose_attention(parts, self.config.enable_xformers_memory_efficient_attention)
+        if self.config.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
 
         parts.vae.to(device)
         pixels = torch.stack([image.pixels for image in images])
