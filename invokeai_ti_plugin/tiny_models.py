@@ -51,6 +51,7 @@ _SD_BETAS: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
 }
 
+_LATENT_SIZE = 8  # with the VAE's 8x scale: native resolution 64 px, like SD's 64 -> 512
 _SDXL_TIME_EMBED_DIM = 8  # real SDXL uses 256; the probe does not look at it
 _SDXL_POOLED_DIM = 1280  # width of text_encoder_2's projected (pooled) output
 
@@ -140,17 +141,17 @@ def _text_config(
 
 
 def _vae(seed: int, scaling_factor: float) -> diffusers.AutoencoderKL:
-    """Two-block VAE: scale factor 2, so the 32-latent UNet is native at 64 px."""
+    """Four-block VAE: the real 8x latent scale InvokeAI assumes, so 64 px -> 8x8 latents."""
     _seeded(seed, 3)
     return diffusers.AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 16, 16),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
     )
@@ -165,7 +166,7 @@ def _build_sd(base: Base, seed: int) -> diffusers.StableDiffusionPipeline:
     text_encoder = transformers.CLIPTextModel(_text_config(width, layers=1, act=act))
     _seeded(seed, 2)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=32,
+        sample_size=_LATENT_SIZE,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -208,7 +209,7 @@ def _build_sdxl(seed: int) -> diffusers.StableDiffusionXLPipeline:
     )
     _seeded(seed, 2)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=32,
+        sample_size=_LATENT_SIZE,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
