@@ -8,7 +8,6 @@ the problem and what to do, and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import types
 import typing
@@ -20,13 +19,11 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import TrainingConfig
+from .config import TrainingConfig, default_root
+from .console import guarded, setup_logging, train_on_console
 from .errors import UserInputError
-from .training.trainer import ProgressUpdate, Trainer, TrainingResult
 
 PROG = "invokeai-ti"
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 130
 
 
 def _unwrap_optional(annotation: Any) -> Any:
@@ -74,9 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Train a textual-inversion embedding: teach a Stable Diffusion model a new "
-        "word from 3-20 pictures. Other commands: `invokeai-ti demo` (a tiny built-in run).",
+        "word from 3-20 pictures. Other commands: `invokeai-ti demo` (a tiny built-in run), "
+        "`invokeai-ti import FILE` (bring in an embedding made elsewhere), "
+        "`invokeai-ti install-nodes` (the start-up node pack).",
     )
     add_config_options(parser)
+    parser.add_argument(
+        "--list-models",
+        "--list_models",
+        dest="list_models",
+        action="store_true",
+        help="List the models installed in InvokeAI (at --root) that can be trained, and exit.",
+    )
     parser.add_argument(
         "--gui",
         action="store_true",
@@ -104,74 +110,87 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-class ConsoleProgress:
-    """A progress bar on the terminal: step, loss, speed and time left."""
+def list_models(root: Path) -> int:
+    """Print the diffusers main models of InvokeAI at `root`, trainable ones first."""
+    from .host.app_config import is_host_root
+    from .host.installed_models import installed_main_models
+    from .host.model_db import open_host_models
 
-    def __init__(self) -> None:
-        self._bar: Any = None
-
-    def __call__(self, update: ProgressUpdate) -> None:
-        from tqdm.auto import tqdm
-
-        if self._bar is None:
-            self._bar = tqdm(
-                total=update.total_steps, initial=update.step - 1, unit="step", dynamic_ncols=True
-            )
-        self._bar.set_postfix(
-            loss=f"{update.loss:.4f}", lr=f"{update.learning_rate:.2e}", refresh=False
+    if not is_host_root(root):
+        raise UserInputError(
+            f"no InvokeAI installation at {root}; set INVOKEAI_ROOT or pass --root", option="root"
         )
-        self._bar.update(update.step - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def train(config: TrainingConfig) -> TrainingResult:
-    """Run a training with a console progress bar."""
-    progress = ConsoleProgress()
-    try:
-        return Trainer(config, on_progress=progress).run()
-    finally:
-        progress.close()
-
-
-def report(result: TrainingResult) -> int:
-    if result.completed:
-        print(
-            f"Embedding for <{result.trigger}> ({result.model.base}, {result.steps} steps): "
-            f"{result.embedding_path}"
-        )
+    with open_host_models(root) as models:
+        found = installed_main_models(models)
+    if not found:
+        print(f"No main models are installed in InvokeAI at {root}.")
         return 0
-    print(
-        f"Stopped at step {result.steps}; the embedding so far is in {result.embedding_path}. "
-        "Continue with --resume_from_checkpoint latest."
+    width = max(len(model.name) for model in found)
+    print(f"Main models installed in InvokeAI at {root}:")
+    for model in found:
+        status = str(model.path) if model.trainable else f"not trainable: {model.problem}"
+        print(f"  {model.name:<{width}}  {model.base:<12}  {model.key}  {status}")
+    return 0
+
+
+def import_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} import",
+        description="Bring in embeddings made elsewhere (concepts-library .bin folders, A1111 "
+        ".pt, kohya / invoke-training .safetensors): check, store under ROOT/embeddings/<name>/ "
+        "in a layout InvokeAI reads correctly, and register them. Pickles are loaded without "
+        "running code.",
     )
-    return EXIT_STOPPED
+    parser.add_argument("source", type=Path, help="an embedding file, or a folder of them")
+    parser.add_argument("--name", help="the prompt name (<name>); default: the file's token")
+    parser.add_argument("--model", help="check the embedding fits this model (name, key, folder)")
+    parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    def run() -> int:
+        from .host.importing import import_embeddings
+        from .job import resolve_model_folder
+
+        root = args.root or default_root()
+        folder = resolve_model_folder(args.model, root) if args.model else None
+        for registered in import_embeddings(root, args.source, args.name, folder):
+            print(
+                f"InvokeAI: registered <{registered.name}> ({registered.base}) from {args.source}"
+            )
+        return 0
+
+    return guarded(f"{PROG} import", run)
 
 
-class _AboveProgressBar(logging.Handler):
-    """Log lines printed above the progress bar instead of through it."""
+def install_nodes_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} install-nodes",
+        description="Install the node pack that runs plugins inside InvokeAI at start-up "
+        "(registers embeddings dropped into ROOT/embeddings/). Training installs it too.",
+    )
+    parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
+    args = parser.parse_args(argv)
+    from .host.node_pack import install_node_pack, node_pack_folder
 
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
+    root = args.root or default_root()
+    written = install_node_pack(root)
+    print(f"{'Installed' if written else 'Already installed'}: {node_pack_folder(root)}")
+    return 0
 
-        tqdm.write(self.format(record), file=sys.stderr)
 
+def train_main(argv: Sequence[str]) -> int:
+    options = vars(build_parser().parse_args(argv))
+    setup_logging()
 
-def setup_logging() -> None:
-    """Our messages on the terminal; the libraries' own per-file progress bars off."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    def run() -> int:
+        if options.pop("list_models"):
+            return list_models(options.get("root") or default_root())
+        if options.pop("gui"):
+            raise UserInputError("the terminal form is not part of this version yet; use options")
+        return train_on_console(config_from_options(options))
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    package_logger = logging.getLogger("invokeai_ti_plugin")
-    if not any(isinstance(handler, _AboveProgressBar) for handler in package_logger.handlers):
-        handler = _AboveProgressBar()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    return guarded(PROG, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,21 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(args[1:])
-    parser = build_parser()
-    options = vars(parser.parse_args(args))
-    setup_logging()
-    try:
-        if options.pop("gui"):
-            raise UserInputError(
-                "the terminal form is not part of this version yet; use the options"
-            )
-        return report(train(config_from_options(options)))
-    except UserInputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"{PROG}: aborted", file=sys.stderr)
-        return EXIT_STOPPED
+    commands = {"import": import_main, "install-nodes": install_nodes_main}
+    if args[:1] and args[0] in commands:
+        return commands[args[0]](args[1:])
+    return train_main(args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ manual, and each field's description is the help text users see, so docs cannot 
 from __future__ import annotations
 
 import importlib.util
-import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -33,9 +33,10 @@ LearnableProperty = Literal["object", "style"]
 
 
 def default_root() -> Path:
-    """InvokeAI's root folder: `$INVOKEAI_ROOT`, else the conventional `~/invokeai`."""
-    env = os.environ.get("INVOKEAI_ROOT")
-    return Path(env).expanduser() if env else Path.home() / "invokeai"
+    """InvokeAI's root folder, found by InvokeAI's own rule."""
+    from .host.app_config import find_root
+
+    return find_root()
 
 
 def xformers_installed() -> bool:
@@ -52,6 +53,9 @@ def default_mixed_precision() -> MixedPrecision:
     return "fp16" if torch.cuda.is_available() else "no"
 
 
+PROMPT_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what InvokeAI's `<name>` prompt syntax can reach
+
+
 def trigger_of(placeholder_token: str) -> str:
     """The trigger term, `psychedelic` for `<psychedelic>`: names folders and the host model."""
     return placeholder_token.strip().removeprefix("<").removesuffix(">")
@@ -63,9 +67,9 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
     model: str = Field(
-        description="The base model: a folder holding a Stable Diffusion 1.x or 2.x diffusers "
-        "pipeline (model_index.json, unet/, text_encoder/ ...). An embedding only works with "
-        "models of the same base as the one it was trained on."
+        description="The base model: the name or key of a diffusers model installed in InvokeAI "
+        "(see --list-models), or a folder holding a Stable Diffusion 1.x or 2.x diffusers "
+        "pipeline. An embedding only works with models of the same base as this one."
     )
     placeholder_token: str = Field(
         description="The new word to teach, e.g. '<psychedelic>'. It must not already be a word "
@@ -89,8 +93,9 @@ class TrainingConfig(BaseModel):
     )
     root: Path = Field(
         default_factory=default_root,
-        description="The InvokeAI root folder (default $INVOKEAI_ROOT, else ~/invokeai). "
-        "Default data and output folders live under it.",
+        description="The InvokeAI root folder, where models are registered and the default "
+        "data and output folders live. Default: $INVOKEAI_ROOT, else the parent of the active "
+        "virtualenv, else ~/invokeai (InvokeAI's own rule).",
     )
     train_data_dir: Path | None = Field(
         default=None,
@@ -189,6 +194,11 @@ class TrainingConfig(BaseModel):
         description="Save only the learned embedding (small). With --no-only_save_embeds a "
         "complete diffusers pipeline with the new word built in is saved too.",
     )
+    register_embedding: bool = Field(
+        default=True,
+        description="When training ends, copy the embedding to ROOT/embeddings/<trigger>/ and "
+        "register it with InvokeAI, so <trigger> works in its prompts at once.",
+    )
     overwrite: bool = Field(
         default=False,
         description="Replace an embedding or checkpoints that the output folder already holds "
@@ -202,8 +212,11 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 f"{value!r} must be one word without spaces, for example '<psychedelic>'"
             )
-        if not trigger_of(value):
-            raise ValueError(f"{value!r} has no name inside the angle brackets")
+        if not PROMPT_NAME.fullmatch(trigger_of(value)):
+            raise ValueError(
+                f"{value!r}: the trigger inside the angle brackets may use only letters, digits, "
+                "'.', '_' and '-', so that InvokeAI prompts can call it"
+            )
         return value.strip()
 
     @field_validator("initializer_token")

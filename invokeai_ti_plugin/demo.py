@@ -11,24 +11,32 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import EXIT_BAD_INPUT, PROG, report, setup_logging, train
 from .config import TrainingConfig
-from .errors import UserInputError
+from .console import EXIT_BAD_INPUT, guarded, setup_logging, train_on_console
 from .tiny_models import build_tiny_pipeline, make_demo_images
 
+PROG = "invokeai-ti demo"
 DEMO_TOKEN = "<striped-ball>"
+DEMO_MODEL_NAME = "tiny-sd-1"
 
 
 def demo_config(workdir: Path, steps: int) -> TrainingConfig:
-    """Tiny model and pictures under `workdir`, and a run sized for a CPU."""
-    model = build_tiny_pipeline(workdir / "tiny-sd-1", "sd-1")
+    """A demo InvokeAI root with the tiny model installed, pictures, and a run sized for a CPU."""
+    from .host.installed_models import install_main_model
+    from .host.model_db import open_host_models
+
+    model = build_tiny_pipeline(workdir / DEMO_MODEL_NAME, "sd-1")
+    root = workdir / "invokeai-root"
+    with open_host_models(root) as models:
+        install_main_model(models, model.resolve(), DEMO_MODEL_NAME)
     data = workdir / "images"
     if not data.is_dir():
         make_demo_images(data, count=4)
     return TrainingConfig(
-        model=str(model),
+        model=DEMO_MODEL_NAME,
         placeholder_token=DEMO_TOKEN,
         initializer_token="ball",
+        root=root,
         train_data_dir=data,
         output_dir=workdir / "output",
         max_train_steps=steps,
@@ -44,26 +52,25 @@ def demo_config(workdir: Path, steps: int) -> TrainingConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=f"{PROG} demo",
-        description="Train an embedding on a tiny built-in model and drawn pictures "
-        "(no downloads).",
+        prog=PROG,
+        description="Train an embedding on a tiny built-in model and drawn pictures, and "
+        "register it in a demo InvokeAI root (no downloads).",
     )
     parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("invokeai-ti-demo"),
-        help="where model, images and output go",
+        help="where the model, pictures, InvokeAI root and output go (default: ./invokeai-ti-demo)",
     )
     parser.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        if args.steps <= 0:
-            raise UserInputError(
-                f"must be a positive whole number (got {args.steps})", option="steps"
-            )
-        print(f"Building the tiny demo model and pictures in {args.workdir} ...")
-        return report(train(demo_config(args.workdir, args.steps)))
-    except UserInputError as error:
-        print(f"{PROG} demo: error: {error}")
+    if args.steps <= 0:
+        print(f"{PROG}: error: --steps must be a positive whole number (got {args.steps})")
         return EXIT_BAD_INPUT
+
+    def run() -> int:
+        print(f"Setting up the tiny demo model, pictures and InvokeAI root in {args.workdir} ...")
+        return train_on_console(demo_config(args.workdir.absolute(), args.steps))
+
+    return guarded(PROG, run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,37 @@ def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30))
     color: object = {"RGB": (200, 30, 30), "RGBA": (0, 90, 200, 128), "L": 128}.get(mode, 1)
     Image.new(mode, size, color).save(path)  # type: ignore[arg-type]
     return path
+
+
+@pytest.fixture(scope="session")
+def host_root_template(
+    tmp_path_factory: pytest.TempPathFactory, sd1_model: Path, sd2_model: Path, sdxl_model: Path
+) -> Path:
+    """An InvokeAI root made by the host's own migrations, with the tiny models installed."""
+    from invokeai_ti_plugin.host.installed_models import install_main_model
+    from invokeai_ti_plugin.host.model_db import open_host_models
+
+    root = tmp_path_factory.mktemp("host-root-template")
+    with open_host_models(root) as models:
+        install_main_model(models, sd1_model.resolve(), "tiny-sd-1")
+        install_main_model(models, sd2_model.resolve(), "tiny-sd-2")
+        install_main_model(models, sdxl_model.resolve(), "tiny-sdxl")
+    return root
+
+
+@pytest.fixture
+def host_root(host_root_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of the template root for one test."""
+    root = tmp_path / "invokeai"
+    shutil.copytree(host_root_template, root)
+    return root
+
+
+def host_records(root: Path, model_type: str = "embedding") -> list:  # type: ignore[type-arg]
+    """The host's model records of one type, read through its own record service."""
+    from invokeai.backend.model_manager.taxonomy import ModelType
+
+    from invokeai_ti_plugin.host.model_db import open_host_models
+
+    with open_host_models(root) as models:
+        return list(models.store.search_by_attr(model_type=ModelType(model_type)))

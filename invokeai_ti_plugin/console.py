@@ -1,0 +1,108 @@
+"""What every terminal front end shares: the progress bar, log lines, and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .config import TrainingConfig
+from .errors import UserInputError
+from .training.trainer import ProgressUpdate
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 130
+
+
+class ConsoleProgress:
+    """A progress bar on the terminal: step, loss, speed and time left."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(
+                total=update.total_steps, initial=update.step - 1, unit="step", dynamic_ncols=True
+            )
+        self._bar.set_postfix(
+            loss=f"{update.loss:.4f}", lr=f"{update.learning_rate:.2e}", refresh=False
+        )
+        self._bar.update(update.step - self._bar.n)
+        if update.step == update.total_steps:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _AboveProgressBar(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging() -> None:
+    """Our messages on the terminal; the libraries' own per-file progress bars off."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    package_logger = logging.getLogger("invokeai_ti_plugin")
+    if not any(isinstance(handler, _AboveProgressBar) for handler in package_logger.handlers):
+        handler = _AboveProgressBar()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+
+
+def train_on_console(config: TrainingConfig) -> int:
+    """Train with a progress bar, register, and say what happened; returns the exit status."""
+    from .job import run_job
+
+    progress = ConsoleProgress()
+    try:
+        outcome = run_job(config, on_progress=progress)
+    finally:
+        progress.close()
+    result = outcome.training
+    if not result.completed:
+        print(
+            f"Stopped at step {result.steps}; the embedding so far is in "
+            f"{result.embedding_path}. Continue with --resume_from_checkpoint latest."
+        )
+        return EXIT_STOPPED
+    print(
+        f"Embedding for <{result.trigger}> ({result.model.base}, {result.steps} steps): "
+        f"{result.embedding_path}"
+    )
+    if outcome.registered:
+        verb = "updated" if outcome.registered.replaced else "registered"
+        print(
+            f"InvokeAI: {verb} <{outcome.registered.name}> ({outcome.registered.base}); use it "
+            f"in prompts as <{outcome.registered.name}>"
+        )
+    else:
+        print(f"InvokeAI: {outcome.note}")
+    return 0
+
+
+def guarded(prog: str, action: Callable[[], int]) -> int:
+    """Run a command; bad input becomes one line on stderr and a non-zero status."""
+    try:
+        return action()
+    except UserInputError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: aborted", file=sys.stderr)
+        return EXIT_STOPPED

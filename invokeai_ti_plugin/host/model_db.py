@@ -1,0 +1,70 @@
+"""InvokeAI's model records and installer, opened the way the host itself builds them.
+
+The CLI opens them standalone on the root's SQLite database (a running `invokeai-web` sees every
+change at its next request); inside the server the plugin borrows the server's own instances.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .app_config import use_root
+
+if TYPE_CHECKING:
+    from invokeai.app.services.config.config_default import InvokeAIAppConfig
+    from invokeai.app.services.model_install.model_install_base import ModelInstallServiceBase
+    from invokeai.app.services.model_records.model_records_base import ModelRecordServiceBase
+
+
+@dataclass(frozen=True)
+class HostModels:
+    """The host's view of its models: configuration, records, and the installer that probes."""
+
+    config: InvokeAIAppConfig
+    store: ModelRecordServiceBase
+    installer: ModelInstallServiceBase
+
+    @property
+    def root(self) -> Path:
+        return Path(self.config.root_path)
+
+    def absolute(self, record_path: str) -> Path:
+        """Record paths inside the models folder are stored relative to it."""
+        path = Path(record_path)
+        return path if path.is_absolute() else Path(self.config.models_path) / path
+
+
+@contextmanager
+def open_host_models(root: Path) -> Iterator[HostModels]:
+    """The root's model database, created by the host's migrations if it is new.
+
+    The installer is not started: registering needs no background thread, and starting it
+    would tidy up install folders that a running server may be using.
+    """
+    config = use_root(root)
+    from invokeai.app.services.download.download_default import DownloadQueueService
+    from invokeai.app.services.image_files.image_files_disk import DiskImageFileStorage
+    from invokeai.app.services.model_install.model_install_default import ModelInstallService
+    from invokeai.app.services.model_records.model_records_sql import ModelRecordServiceSQL
+    from invokeai.app.services.shared.sqlite.sqlite_util import init_db
+    from invokeai.backend.util.logging import InvokeAILogger
+
+    host_logger = InvokeAILogger.get_logger("invokeai-ti", config=config)
+    host_logger.setLevel(logging.WARNING)  # the host's routine database messages are not ours
+    db = init_db(
+        config=config,
+        logger=host_logger,
+        image_files=DiskImageFileStorage(config.outputs_path / "images"),
+    )
+    store = ModelRecordServiceSQL(db=db, logger=host_logger)
+    installer = ModelInstallService(
+        app_config=config,
+        record_store=store,
+        download_queue=DownloadQueueService(app_config=config),
+    )
+    yield HostModels(config, store, installer)

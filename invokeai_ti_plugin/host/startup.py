@@ -1,0 +1,98 @@
+"""At InvokeAI start-up: register embeddings that arrived in ROOT/embeddings/ while it was down.
+
+Runs inside the server with the server's own services. A file that fits no base, clashes with
+another embedding's name, or contradicts what it was trained for is reported in the host log
+once per start and never becomes a record; records whose files were deleted are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserInputError
+from ..training.embedding_file import (
+    EMBEDDING_SUFFIXES,
+    EmbeddingVectors,
+    read_embedding_vectors,
+)
+from .embeddings import (
+    SIDECAR_FILENAME,
+    check_fits_model,
+    embedding_records,
+    embeddings_folder,
+    register_embedding_file,
+)
+from .model_db import HostModels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StartupReport:
+    registered: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # one line per file, with the reason
+    missing: list[str] = field(default_factory=list)  # records whose files are gone
+
+
+def embedding_files(folder: Path) -> list[Path]:
+    """Embedding files under `folder`, skipping hidden and half-written ones."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix in EMBEDDING_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def name_for(file: Path, folder: Path) -> str:
+    """A file alone in its own folder takes the folder's name (embeddings/<name>/...)."""
+    if file.parent != folder and len(embedding_files(file.parent)) == 1:
+        return file.parent.name
+    return file.stem
+
+
+def sync_embeddings(models: HostModels) -> StartupReport:
+    report = StartupReport()
+    folder = embeddings_folder(models.root)
+    known = set()
+    for record in embedding_records(models):
+        path = models.absolute(record.path)
+        known.add(path.resolve())
+        if not path.exists():
+            report.missing.append(f"<{record.name}> ({record.key}): {path}")
+    for file in embedding_files(folder):
+        if file.resolve() in known:
+            continue
+        name = name_for(file, folder)
+        try:
+            vectors = read_embedding_vectors(file)
+            _check_sidecar(file, name, vectors)
+            register_embedding_file(models, file, name, vectors)
+            report.registered.append(name)
+        except UserInputError as error:
+            report.refused.append(f"{file}: {error}")
+    for line in report.missing:
+        logger.warning("embedding record whose file is gone: %s", line)
+    for line in report.refused:
+        logger.warning("embedding not registered: %s", line)
+    if report.registered:
+        logger.info("registered embeddings found in %s: %s", folder, ", ".join(report.registered))
+    return report
+
+
+def _check_sidecar(file: Path, name: str, vectors: EmbeddingVectors) -> None:
+    """An embedding.json beside the file names the model width it is meant for."""
+    sidecar = file.parent / SIDECAR_FILENAME
+    if not sidecar.is_file():
+        return
+    try:
+        model_dim = int(json.loads(sidecar.read_text())["token_dimension"])
+    except (ValueError, KeyError, TypeError):
+        return
+    check_fits_model(name, vectors, model_dim)

@@ -1,0 +1,291 @@
+"""InvokeAI integration against the real host package and its real SQLite model database."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.host.model_db import open_host_models
+from invokeai_ti_plugin.host.node_pack import node_pack_folder
+from invokeai_ti_plugin.host.startup import sync_embeddings
+
+from .conftest import host_records
+
+DIMENSION_MISMATCH = (
+    "Cannot load embedding for <{name}>. It was trained on a model with token dimension {got}, "
+    "but the current model has token dimension {want}"
+)
+
+
+def _train_args(root: Path, data: Path, model: str, *extra: str) -> list[str]:
+    return [
+        f"--model={model}",
+        f"--root={root}",
+        "--placeholder_token=<striped-ball>",
+        "--initializer_token=ball",
+        f"--train_data_dir={data}",
+        "--max_train_steps=2",
+        "--train_batch_size=2",
+        "--mixed_precision=no",
+        "--no-enable_xformers_memory_efficient_attention",
+        *extra,
+    ]
+
+
+def _no_unknown_records(root: Path) -> None:
+    assert host_records(root, "unknown") == []
+
+
+def test_list_models_shows_trainable_and_unsupported(
+    capsys: pytest.CaptureFixture[str], host_root: Path, sd1_model: Path
+) -> None:
+    assert main(["--list-models", f"--root={host_root}"]) == 0
+    shown = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in shown.splitlines()[1:]}
+    assert "sd-1" in lines["tiny-sd-1"] and str(sd1_model.resolve()) in lines["tiny-sd-1"]
+    assert "sd-2" in lines["tiny-sd-2"]
+    assert "not trainable: SDXL is not supported yet" in lines["tiny-sdxl"]
+    assert list(lines)[-1] == "tiny-sdxl"  # trainable models first
+
+
+def test_training_by_model_name_registers_the_embedding(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path
+) -> None:
+    assert main(_train_args(host_root, object_images, "tiny-sd-1")) == 0
+    assert "InvokeAI: registered <striped-ball> (sd-1)" in capsys.readouterr().out
+    (record,) = host_records(host_root)
+    target = host_root / "embeddings" / "striped-ball" / "learned_embeds.safetensors"
+    assert (record.name, record.base.value, record.format.value) == (
+        "striped-ball",
+        "sd-1",
+        "embedding_file",
+    )
+    assert Path(record.path) == target.resolve()
+    assert (target.parent / "embedding.json").is_file()
+    assert (node_pack_folder(host_root) / "__init__.py").is_file()
+    # the default output folder is the manual's, under the root
+    assert (host_root / "text-inversion-output" / "striped-ball" / "embedding.json").is_file()
+    _no_unknown_records(host_root)
+
+
+def test_retraining_the_same_trigger_updates_it(host_root: Path, object_images: Path) -> None:
+    assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=1")) == 0
+    target = host_root / "embeddings" / "striped-ball" / "learned_embeds.safetensors"
+    first = target.read_bytes()
+    assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=2", "--overwrite")) == 0
+    (record,) = host_records(host_root)
+    assert record.name == "striped-ball" and target.read_bytes() != first
+    _no_unknown_records(host_root)
+
+
+def test_a_model_name_that_is_not_installed(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path
+) -> None:
+    assert main(_train_args(host_root, object_images, "no-such-model")) == 2
+    assert "no model named 'no-such-model' is installed" in capsys.readouterr().err
+    assert host_records(host_root) == []
+
+
+def test_an_sd2_embedding_meets_an_sd1_model(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "resumable"
+    sd2 = _train_args(host_root, object_images, "tiny-sd-2", f"--output_dir={out}")
+    assert main([*sd2, "--no-register_embedding"]) == 0
+    capsys.readouterr()
+
+    resumed = _train_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
+    assert main([*resumed, "--resume_from_checkpoint=latest"]) == 2
+    expected = DIMENSION_MISMATCH.format(name="striped-ball", got=1024, want=768)
+    assert expected in capsys.readouterr().err
+
+    embedding = out / "learned_embeds.safetensors"
+    assert main(["import", str(embedding), f"--root={host_root}", "--model=tiny-sd-1"]) == 2
+    assert expected in capsys.readouterr().err
+    assert host_records(host_root) == []
+    _no_unknown_records(host_root)
+
+
+def _concepts_library_folder(folder: Path) -> Path:
+    folder.mkdir()
+    torch.save({"<cat-toy>": torch.randn(768)}, folder / "learned_embeds.bin")
+    (folder / "token_identifier.txt").write_text("<cat-toy>")
+    (folder / "type_of_concept.txt").write_text("object")
+    return folder
+
+
+def _a1111_file(path: Path) -> Path:
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": torch.nn.Parameter(torch.randn(2, 768))},
+            "name": "painterly",
+            "step": 1500,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "base", "vectors"),
+    [
+        (lambda tmp: _concepts_library_folder(tmp / "cat-toy"), "cat-toy", "sd-1", 1),
+        (lambda tmp: _a1111_file(tmp / "painterly.pt"), "painterly", "sd-1", 2),
+        (
+            lambda tmp: _save(
+                tmp / "kohya-style.safetensors", {"emb_params": torch.randn(3, 1024)}
+            ),
+            "kohya-style",
+            "sd-2",
+            3,
+        ),
+        (
+            lambda tmp: _save(
+                tmp / "xl-thing.safetensors",
+                {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
+            ),
+            "xl-thing",
+            "sdxl",
+            2,
+        ),
+        (  # diffusers' example output, which the host alone misreads as dimension 1
+            lambda tmp: _save(tmp / "diffusers.safetensors", {"<my-dog>": torch.randn(1, 768)}),
+            "my-dog",
+            "sd-1",
+            1,
+        ),
+    ],
+)
+def test_import_of_each_foreign_format(
+    host_root: Path, tmp_path: Path, make, name: str, base: str, vectors: int
+) -> None:
+    from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
+
+    source = make(tmp_path)
+    assert main(["import", str(source), f"--root={host_root}"]) == 0
+    (record,) = host_records(host_root)
+    assert (record.name, record.base.value) == (name, base)
+    stored = read_embedding_vectors(Path(record.path))
+    assert stored.num_vectors == vectors and stored.host_reads_as_is
+    _no_unknown_records(host_root)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
+class _RunsCode:
+    """A pickle that would run a shell command when unpickled by plain `torch.load`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_and_nothing_runs(
+    capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "learned_embeds.bin"
+    with evil.open("wb") as file:
+        pickle.dump({"<evil>": _RunsCode(marker)}, file)
+    assert main(["import", str(evil), f"--root={host_root}"]) == 2
+    error = capsys.readouterr().err
+    assert "refused" in error and "nothing in it was executed" in error
+    assert not marker.exists()
+    assert host_records(host_root) == []
+    _no_unknown_records(host_root)
+
+
+def test_garbage_and_unfit_files_leave_no_records(
+    capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "junk.safetensors"
+    garbage.write_bytes(b"definitely not safetensors")
+    assert main(["import", str(garbage), f"--root={host_root}"]) == 2
+    odd = _save(tmp_path / "odd.safetensors", {"emb_params": torch.randn(1, 512)})
+    assert main(["import", str(odd), f"--root={host_root}"]) == 2
+    assert "fit no Stable Diffusion base" in capsys.readouterr().err
+    assert host_records(host_root) == []
+    _no_unknown_records(host_root)
+
+
+def test_startup_registers_dropped_files_and_reports_the_rest(host_root: Path) -> None:
+    folder = host_root / "embeddings"
+    (folder / "dropped").mkdir(parents=True)
+    _save(folder / "dropped" / "learned_embeds.safetensors", {"emb_params": torch.randn(1, 768)})
+    _save(folder / "wide.safetensors", {"emb_params": torch.randn(2, 1024)})
+    _save(folder / "odd.safetensors", {"emb_params": torch.randn(1, 100)})
+    (folder / "broken.pt").write_bytes(b"junk")
+    with open_host_models(host_root) as models:
+        report = sync_embeddings(models)
+    assert sorted(report.registered) == ["dropped", "wide"]
+    assert len(report.refused) == 2
+    assert any("odd.safetensors" in line and "fit no" in line for line in report.refused)
+
+    records = {record.name: record.base.value for record in host_records(host_root)}
+    assert records == {"dropped": "sd-1", "wide": "sd-2"}
+    (folder / "wide.safetensors").unlink()
+    with open_host_models(host_root) as models:
+        again = sync_embeddings(models)
+    assert again.registered == [] and len(again.missing) == 1 and "<wide>" in again.missing[0]
+    _no_unknown_records(host_root)
+
+
+def test_name_clash_with_another_embedding_is_refused(
+    capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path, object_images: Path
+) -> None:
+    other = _save(tmp_path / "striped-ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    with open_host_models(host_root) as models:  # installed by hand in InvokeAI's model manager
+        models.installer.register_path(other)
+    assert main(_train_args(host_root, object_images, "tiny-sd-1")) == 2
+    assert "already has a sd-1 embedding named <striped-ball>" in capsys.readouterr().err
+    assert len(host_records(host_root)) == 1
+
+
+def test_install_nodes_is_idempotent(capsys: pytest.CaptureFixture[str], host_root: Path) -> None:
+    assert main(["install-nodes", f"--root={host_root}"]) == 0
+    assert main(["install-nodes", f"--root={host_root}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("Already installed")
+
+
+@pytest.mark.slow
+def test_launcher_menu_trains_through_real_stdin(host_root: Path, object_images: Path) -> None:
+    launcher = str(Path(sys.executable).parent / "invokeai-launcher")
+    answers = "\n".join(["2", "1", "striped-ball", str(object_images), "object", "2", "9", "4", ""])
+    process = subprocess.Popen(
+        [launcher, f"--root={host_root}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # so that anything it starts can be stopped with it
+    )
+    try:
+        menu, errors = process.communicate(answers, timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, errors
+    assert "1. start the web UI" in menu
+    assert "2. textual inversion training" in menu
+    assert "3. open the developer console" in menu
+    assert "4. quit" in menu
+    assert "1. tiny-sd-1 (sd-1)" in menu and "tiny-sdxl (sdxl): SDXL is not supported yet" in menu
+    assert "InvokeAI: registered <striped-ball> (sd-1)" in menu
+    assert "'9' is not on the menu." in menu
+    assert [record.name for record in host_records(host_root)] == ["striped-ball"]
