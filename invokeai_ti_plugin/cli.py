@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import TrainingConfig, default_root
+from .config import TrainingConfig, build_config, default_root
 from .console import guarded, setup_logging, train_on_console
 from .errors import UserInputError
 
@@ -89,25 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="Fill in the options in a keyboard form in the terminal instead.",
     )
     return parser
-
-
-def config_from_options(options: dict[str, Any]) -> TrainingConfig:
-    """Validate parsed options into the config, as one readable line on failure."""
-    try:
-        return TrainingConfig(**options)
-    except ValidationError as error:
-        raise UserInputError(describe_validation_error(error)) from error
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        option = "--" + ".".join(str(part) for part in item["loc"]) if item["loc"] else "options"
-        if item["type"] == "missing":
-            problems.append(f"{option} is required")
-        else:
-            problems.append(f"{option}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems)
 
 
 def list_models(root: Path) -> int:
@@ -188,7 +168,7 @@ def train_main(argv: Sequence[str]) -> int:
             return list_models(options.get("root") or default_root())
         if options.pop("gui"):
             raise UserInputError("the terminal form is not part of this version yet; use options")
-        return train_on_console(config_from_options(options))
+        return train_on_console(build_config(options))
 
     return guarded(PROG, run)
 

@@ -10,10 +10,19 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .errors import UserInputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
@@ -311,3 +320,18 @@ def _per_trigger_folder(info: ValidationInfo, kind: str) -> Path | None:
     if token is None or root is None:
         return None
     return Path(root) / kind / trigger_of(token)
+
+
+def build_config(options: dict[str, Any]) -> TrainingConfig:
+    """Validate options from any front end; every problem in one line, by option name."""
+    try:
+        return TrainingConfig(**options)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            option = "--" + ".".join(str(p) for p in item["loc"]) if item["loc"] else "options"
+            if item["type"] == "missing":
+                problems.append(f"{option} is required")
+            else:
+                problems.append(f"{option}: {item['msg'].removeprefix('Value error, ')}")
+        raise UserInputError("; ".join(problems)) from error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,9 +64,17 @@ def resolve_model_folder(model_name: str, root: Path) -> Path:
     return model.path
 
 
-def run_job(config: TrainingConfig, on_progress: ProgressCallback | None = None) -> JobResult:
+def run_job(
+    config: TrainingConfig,
+    on_progress: ProgressCallback | None = None,
+    on_start: Callable[[Trainer], object] | None = None,
+) -> JobResult:
+    """Train and register; `on_start` receives the trainer (a form's Stop button calls
+    `request_stop` on it)."""
     folder = resolve_model_folder(config.model, config.root)
     trainer = Trainer(config.model_copy(update={"model": str(folder)}), on_progress)
+    if on_start is not None:
+        on_start(trainer)
     result = trainer.run()
     if not result.completed:
         return JobResult(result, None, "not registered: training stopped before the end")

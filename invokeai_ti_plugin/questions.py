@@ -9,10 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from .cli import describe_validation_error
-from .config import TrainingConfig, default_root
+from .config import TrainingConfig, build_config, default_root
 from .console import guarded, setup_logging, train_on_console
 from .errors import UserInputError
 
@@ -59,18 +56,17 @@ def ask_config(ask: Ask, root: Path) -> TrainingConfig:
     data = _answer(ask, "Training images", str(root / "text-inversion-training-data" / trigger))
     kind = _answer(ask, "Learn an object or a style", "object")
     steps = _answer(ask, "Max training steps", "3000")
-    try:
-        return TrainingConfig(
-            model=model,
-            placeholder_token=f"<{trigger}>",
-            root=root,
-            train_data_dir=Path(data),
-            learnable_property=kind,  # type: ignore[arg-type]
-            max_train_steps=steps,  # type: ignore[arg-type]
-            resume_from_checkpoint="latest",
-        )
-    except ValidationError as error:
-        raise UserInputError(describe_validation_error(error)) from error
+    return build_config(
+        {
+            "model": model,
+            "placeholder_token": f"<{trigger}>",
+            "root": root,
+            "train_data_dir": Path(data),
+            "learnable_property": kind,
+            "max_train_steps": steps,
+            "resume_from_checkpoint": "latest",
+        }
+    )
 
 
 def run_questions(ask: Ask = input, root: Path | None = None) -> int:
