@@ -87,13 +87,15 @@ class TrainingConfig(BaseModel):
     )
     initializer_token: str = Field(
         default="*",
-        description="A single existing token whose vector seeds the new word. '*' is neutral; "
-        "a word close to the concept (e.g. 'painting' for a style) can converge faster.",
+        description="Existing word(s) whose vectors seed the new word. '*' is neutral; a word "
+        "or phrase close to the concept ('painting', 'red ball') can converge faster.",
     )
     num_vectors: int = Field(
         default=1,
         description="How many token vectors the new word stands for. More vectors can hold "
-        "more detail but need more steps; each starts as a copy of the initializer's vector.",
+        "more detail but need more steps. They start from the initializer's tokens: one each "
+        "when the counts match, repeated in turn when it has fewer, averaged in consecutive "
+        "groups when it has more.",
     )
     learnable_property: LearnableProperty = Field(
         default="object",
@@ -179,6 +181,26 @@ class TrainingConfig(BaseModel):
         "xformers installed, torch's scaled-dot-product attention is used instead. "
         "Default: on when xformers is installed.",
     )
+    validation_prompt: str | None = Field(
+        default=None,
+        description="Prompt for the sample images drawn while training; it should contain the "
+        "placeholder token. Default: the first object or style template with the token.",
+    )
+    num_validation_images: int = Field(
+        default=4,
+        description="Sample images per grid (0: no samples). Each grid uses the same seeds, "
+        "so grids from different steps are comparable.",
+    )
+    validation_steps: int = Field(
+        default=500,
+        description="Draw a sample grid every this many updates and at the end (0: only at "
+        "the end). Grids go to OUTPUT_DIR/samples/.",
+    )
+    report_to: Literal["none", "tensorboard"] = Field(
+        default="none",
+        description="Also log loss and learning rate for TensorBoard (OUTPUT_DIR/logs), if "
+        "tensorboard is installed.",
+    )
     gradient_checkpointing: bool = Field(
         default=False,
         description="Recompute UNet activations during the backward pass instead of storing "
@@ -262,7 +284,7 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"must be a positive number such as 5e-4 (got {value})")
         return value
 
-    @field_validator("lr_warmup_steps")
+    @field_validator("lr_warmup_steps", "num_validation_images", "validation_steps")
     @classmethod
     def _non_negative(cls, value: int) -> int:
         if value < 0:

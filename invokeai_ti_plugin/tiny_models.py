@@ -212,8 +212,9 @@ def _build_sdxl(seed: int) -> diffusers.StableDiffusionXLPipeline:
         sample_size=_LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # cross-attention at both levels, so the text conditions the tiny UNet noticeably
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=32,

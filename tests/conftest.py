@@ -67,6 +67,7 @@ def make_config(sd1_model: Path, object_images: Path, tmp_path: Path):
             "mixed_precision": "no",
             "enable_xformers_memory_efficient_attention": False,
             "seed": 1234,
+            "num_validation_images": 0,
         }
         options.update(overrides)
         return TrainingConfig(**options)  # type: ignore[arg-type]
@@ -94,6 +95,11 @@ def host_root_template(
         install_main_model(models, sd1_model.resolve(), "tiny-sd-1")
         install_main_model(models, sd2_model.resolve(), "tiny-sd-2")
         install_main_model(models, sdxl_model.resolve(), "tiny-sdxl")
+        # a model whose files were deleted after it was installed: listed, not trainable
+        moved = root / "moved-away"
+        shutil.copytree(sd1_model, moved)
+        install_main_model(models, moved, "moved-away")
+        shutil.rmtree(moved)
     return root
 
 

@@ -37,6 +37,7 @@ def _train_args(root: Path, data: Path, model: str, *extra: str) -> list[str]:
         "--train_batch_size=2",
         "--mixed_precision=no",
         "--no-enable_xformers_memory_efficient_attention",
+        "--num_validation_images=0",
         *extra,
     ]
 
@@ -52,9 +53,9 @@ def test_list_models_shows_trainable_and_unsupported(
     shown = capsys.readouterr().out
     lines = {line.split()[0]: line for line in shown.splitlines()[1:]}
     assert "sd-1" in lines["tiny-sd-1"] and str(sd1_model.resolve()) in lines["tiny-sd-1"]
-    assert "sd-2" in lines["tiny-sd-2"]
-    assert "not trainable: SDXL is not supported yet" in lines["tiny-sdxl"]
-    assert list(lines)[-1] == "tiny-sdxl"  # trainable models first
+    assert "sd-2" in lines["tiny-sd-2"] and "sdxl" in lines["tiny-sdxl"]
+    assert "not trainable: its files are missing" in lines["moved-away"]
+    assert list(lines)[-1] == "moved-away"  # trainable models first
 
 
 def test_training_by_model_name_registers_the_embedding(
@@ -285,7 +286,7 @@ def test_launcher_menu_trains_through_real_stdin(host_root: Path, object_images:
     assert "2. textual inversion training" in menu
     assert "3. open the developer console" in menu
     assert "4. quit" in menu
-    assert "1. tiny-sd-1 (sd-1)" in menu and "tiny-sdxl (sdxl): SDXL is not supported yet" in menu
+    assert "1. tiny-sd-1 (sd-1)" in menu and "moved-away (sd-1): its files are missing" in menu
     assert "InvokeAI: registered <striped-ball> (sd-1)" in menu
     assert "'9' is not on the menu." in menu
     assert [record.name for record in host_records(host_root)] == ["striped-ball"]

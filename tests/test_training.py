@@ -32,12 +32,12 @@ def _fixed_eval_loss(config: TrainingConfig, vectors: torch.Tensor) -> float:
     """Mean loss over all images and prompts with fixed noise and timesteps."""
     info = inspect_model(Path(config.model))
     parts = load_model_parts(info)
-    ids = add_placeholder_tokens(parts.tokenizer, config.placeholder_token, 1)
-    install_placeholder_embedding(parts.text_encoder, ids, vectors)
+    ids = add_placeholder_tokens(parts.tokenizers[0], config.placeholder_token, 1)
+    install_placeholder_embedding(parts.text_encoders[0], ids, vectors)
     images = load_training_images(config.data_dir, info.native_resolution, False)
     cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), with_flips=False)
     prompts = training_prompts(config.placeholder_token, config.learnable_property)
-    prompt_ids = parts.tokenizer(
+    prompt_ids = parts.tokenizers[0](
         prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     generator = torch.Generator().manual_seed(99)
@@ -49,7 +49,7 @@ def _fixed_eval_loss(config: TrainingConfig, vectors: torch.Tensor) -> float:
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
             chosen = prompt_ids[(index + repeat) % len(prompts)]
-            hidden = parts.text_encoder(chosen)[0]
+            hidden = parts.text_encoders[0](chosen)[0]
             losses.append(
                 denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps)
             )
@@ -61,8 +61,10 @@ def test_training_lowers_the_loss_on_the_training_images(make_config: MakeConfig
     config = make_config(max_train_steps=80, learning_rate=1e-1, checkpointing_steps=100)
     info = inspect_model(Path(config.model))
     parts = load_model_parts(info)
-    ids = add_placeholder_tokens(parts.tokenizer, config.placeholder_token, 1)
-    start = initializer_vectors(parts.tokenizer, parts.text_encoder, config.initializer_token, 1)
+    ids = add_placeholder_tokens(parts.tokenizers[0], config.placeholder_token, 1)
+    start = initializer_vectors(
+        parts.tokenizers[0], parts.text_encoders[0], config.initializer_token, 1
+    )
     assert len(ids) == 1
     result = Trainer(config).run()
     trained, _ = load_embedding(result.embedding_path)
@@ -87,10 +89,10 @@ def test_only_the_new_vectors_change(make_config: MakeConfig, sd1_model: Path) -
             assert torch.equal(value, after[key].cpu()), f"{name}.{key} changed"
 
     table_key = "text_model.embeddings.token_embedding.weight"
-    before = original.text_encoder.state_dict()
+    before = original.text_encoders[0].state_dict()
     after = {
         key.replace("token_embedding.frozen.", "token_embedding."): value
-        for key, value in trained.text_encoder.state_dict().items()
+        for key, value in trained.text_encoders[0].state_dict().items()
         if not key.endswith("token_embedding.vectors")
     }
     assert before.keys() == after.keys()
@@ -99,7 +101,7 @@ def test_only_the_new_vectors_change(make_config: MakeConfig, sd1_model: Path) -
     assert after[table_key].shape == (49408, 768)  # the table did not grow
 
     vectors, _ = load_embedding(config.out_dir / "learned_embeds.safetensors")
-    start = initializer_vectors(original.tokenizer, original.text_encoder, "ball", 1)
+    start = initializer_vectors(original.tokenizers[0], original.text_encoders[0], "ball", 1)
     assert not torch.equal(vectors, start), "the new vector did not learn"
 
 

@@ -25,9 +25,7 @@ class InstalledModel:
 
 def _problem_of(base: str, model_format: str, path: Path) -> str | None:
     if base not in TRAINABLE_BASES:
-        if base.startswith("sdxl"):
-            return "SDXL is not supported yet; choose an SD 1.x or 2.x model"
-        return f"{base} models have no CLIP token embeddings to train"
+        return f"{base} models are not supported (SD 1.x, SD 2.x and SDXL are)"
     if model_format != "diffusers":
         return "a single-file checkpoint; convert it to diffusers in InvokeAI's model manager"
     if not (path / "model_index.json").is_file():

@@ -18,7 +18,12 @@ import torch
 
 from ..atomic_files import write_json_atomically
 from ..errors import UserInputError
-from .embedding_file import EMBEDDING_FILENAME, load_embedding, save_embedding
+from .embedding_file import (
+    EMBEDDING_FILENAME,
+    EmbeddingVectors,
+    read_embedding_vectors,
+    save_vectors,
+)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 STATE_FILENAME = "trainer_state.json"
@@ -73,7 +78,7 @@ class TrainingSnapshot:
     """The shared (process-independent) state of a run at one step."""
 
     step: int
-    vectors: torch.Tensor
+    vectors: dict[str, torch.Tensor]  # per text encoder, keyed as in the embedding file
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     facts: dict[str, Any]
@@ -95,7 +100,9 @@ def save_process_state(temp: Path, process_index: int, state: dict[str, Any]) ->
 
 def finish_checkpoint(temp: Path, output_dir: Path, snapshot: TrainingSnapshot) -> Path:
     """Write the shared state, then publish the folder under its final name (main process)."""
-    save_embedding(temp / EMBEDDING_FILENAME, snapshot.vectors, {"step": str(snapshot.step)})
+    save_vectors(
+        temp / EMBEDDING_FILENAME, EmbeddingVectors(snapshot.vectors), {"step": str(snapshot.step)}
+    )
     torch.save(snapshot.optimizer, temp / OPTIMIZER_FILENAME)
     torch.save(snapshot.lr_scheduler, temp / SCHEDULER_FILENAME)
     write_json_atomically(temp / STATE_FILENAME, {"step": snapshot.step, **snapshot.facts})
@@ -108,10 +115,9 @@ def finish_checkpoint(temp: Path, output_dir: Path, snapshot: TrainingSnapshot) 
 
 def load_snapshot(folder: Path) -> TrainingSnapshot:
     facts: dict[str, Any] = json.loads((folder / STATE_FILENAME).read_text())
-    vectors, _ = load_embedding(folder / EMBEDDING_FILENAME)
     return TrainingSnapshot(
         step=int(facts.pop("step")),
-        vectors=vectors,
+        vectors=read_embedding_vectors(folder / EMBEDDING_FILENAME).tensors,
         optimizer=torch.load(folder / OPTIMIZER_FILENAME, weights_only=True),
         lr_scheduler=torch.load(folder / SCHEDULER_FILENAME, weights_only=True),
         facts=facts,

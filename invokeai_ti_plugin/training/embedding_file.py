@@ -64,11 +64,6 @@ class EmbeddingVectors:
         )
 
 
-def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Write SD 1.x/2.x [n, d] vectors atomically, with what they are in the metadata."""
-    save_vectors(path, EmbeddingVectors({EMBEDDING_KEY: vectors}), metadata)
-
-
 def save_vectors(path: Path, vectors: EmbeddingVectors, metadata: dict[str, str]) -> None:
     """Write any embedding atomically in the layout InvokeAI and diffusers both read."""
     tensors = {

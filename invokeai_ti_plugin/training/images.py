@@ -24,10 +24,13 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 @dataclass(frozen=True)
 class TrainingImage:
-    """One usable image: its file and its pixels scaled to the training resolution."""
+    """One usable image: its file, its pixels at the training resolution, and its caption."""
 
     path: Path
     pixels: torch.Tensor  # [3, H, W], float32 in [-1, 1]
+    caption: str | None  # from name.txt beside name.png, if there is one
+    original_size: tuple[int, int]  # (height, width) before scaling: SDXL conditions on it
+    crop_top_left: tuple[int, int]  # where the square was cut from the original (SDXL)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -51,14 +54,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def crop_box(size: tuple[int, int], center_crop: bool) -> tuple[int, int, int, int]:
+    """The part of a (width, height) image that is scaled to the training square."""
+    width, height = size
+    if not center_crop:
+        return (0, 0, width, height)
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
 def to_training_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
     """Square at the training size: centre-cropped first, or stretched, as the user chose."""
-    if center_crop:
-        side = min(image.size)
-        left = (image.width - side) // 2
-        top = (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
+    image = image.crop(crop_box(image.size, center_crop))
     return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def read_caption(image_path: Path) -> str | None:
+    caption_path = image_path.with_suffix(".txt")
+    if not caption_path.is_file():
+        return None
+    return " ".join(caption_path.read_text(encoding="utf-8").split()) or None
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -79,7 +95,16 @@ def load_training_images(folder: Path, resolution: int, center_crop: bool) -> li
             logger.warning("skipping %s: not a readable image (%s)", path.name, error)
             continue
         square = to_training_square(rgb, resolution, center_crop)
-        images.append(TrainingImage(path, to_tensor(square)))
+        left, top, _, _ = crop_box(rgb.size, center_crop)
+        images.append(
+            TrainingImage(
+                path,
+                to_tensor(square),
+                read_caption(path),
+                original_size=(rgb.height, rgb.width),
+                crop_top_left=(top, left),
+            )
+        )
     if not images:
         raise UserInputError(
             f"none of the image files in {folder} could be read; add 3-20 PNG, JPEG or "

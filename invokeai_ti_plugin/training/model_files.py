@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import UserInputError
 
 Base = Literal["sd-1", "sd-2", "sdxl", "sdxl-refiner"]
-TRAINABLE_BASES: tuple[Base, ...] = ("sd-1", "sd-2")
+TRAINABLE_BASES: tuple[Base, ...] = ("sd-1", "sd-2", "sdxl")
 
 # The UNet's cross-attention width tells the family apart, as InvokeAI's own probe does.
 _BASE_BY_CROSS_ATTENTION_DIM: dict[int, Base] = {
@@ -35,9 +35,18 @@ class ModelInfo:
 
     folder: Path
     base: Base
-    token_dim: int
+    token_dims: tuple[int, ...]  # width of each text encoder's tokens (two for SDXL)
     native_resolution: int
     prediction_type: str
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.base == "sdxl"
+
+    @property
+    def token_dim(self) -> int:
+        """The width InvokeAI compares embeddings by: the last (largest) text encoder's."""
+        return self.token_dims[-1]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,8 +57,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _not_a_pipeline(folder: Path, why: str) -> UserInputError:
     return UserInputError(
-        f"{folder} is not a Stable Diffusion 1.x/2.x diffusers pipeline folder ({why}); pass "
-        "the folder that holds model_index.json, unet/ and text_encoder/",
+        f"{folder} is not a Stable Diffusion diffusers pipeline folder ({why}); pass the "
+        "folder that holds model_index.json, unet/ and text_encoder/",
         option="model",
     )
 
@@ -60,7 +69,9 @@ def inspect_model(folder: Path) -> ModelInfo:
         raise _not_a_pipeline(folder, "no model_index.json")
     try:
         unet = _read_json(folder / "unet" / "config.json")
-        text_encoder = _read_json(folder / "text_encoder" / "config.json")
+        encoders = [_read_json(folder / "text_encoder" / "config.json")]
+        if (folder / "text_encoder_2").is_dir():
+            encoders.append(_read_json(folder / "text_encoder_2" / "config.json"))
         vae = _read_json(folder / "vae" / "config.json")
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     except (OSError, ValueError) as error:
@@ -74,7 +85,7 @@ def inspect_model(folder: Path) -> ModelInfo:
     return ModelInfo(
         folder=folder,
         base=base,
-        token_dim=int(text_encoder["hidden_size"]),
+        token_dims=tuple(int(encoder["hidden_size"]) for encoder in encoders),
         native_resolution=int(unet.get("sample_size", 64)) * vae_scale,
         prediction_type=str(scheduler.get("prediction_type", "epsilon")),
     )
@@ -85,37 +96,55 @@ def require_trainable(info: ModelInfo) -> None:
     if info.base not in TRAINABLE_BASES:
         raise UserInputError(
             f"{info.folder} is an {info.base} model; this version trains embeddings for "
-            "Stable Diffusion 1.x and 2.x models only",
+            "Stable Diffusion 1.x, 2.x and SDXL base models only",
             option="model",
         )
 
 
 @dataclass
 class ModelParts:
-    """The frozen model pieces a textual-inversion run uses."""
+    """The frozen model pieces a textual-inversion run uses (SDXL has two tokenizers/encoders)."""
 
     info: ModelInfo
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[CLIPTextModel]
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
 
 
 def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> ModelParts:
-    """Load the weights in `dtype`, frozen and in eval mode: only the new vectors will learn."""
+    """Load the weights in `dtype`, frozen and in eval mode: only the new vectors will learn.
+
+    SDXL's VAE stays in float32: in float16 it overflows (the known SDXL VAE fault), and it
+    runs only once per image here anyway.
+    """
     folder = str(info.folder)
+    suffixes = ["", "_2"] if info.is_sdxl else [""]
+    encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(suffixes)]
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(
-            folder, subfolder="text_encoder", torch_dtype=dtype
-        )
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{suffix}")
+            for suffix in suffixes
+        ]
+        text_encoders = [
+            encoder_class.from_pretrained(
+                folder, subfolder=f"text_encoder{suffix}", torch_dtype=dtype
+            )
+            for encoder_class, suffix in zip(encoder_classes, suffixes, strict=True)
+        ]
+        vae_dtype = torch.float32 if info.is_sdxl else dtype
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load it: {error}") from error
-    for module in (text_encoder, vae, unet):
+    for module in (*text_encoders, vae, unet):
         module.requires_grad_(False)
         module.eval()
-    return ModelParts(info, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        # Old CLIP configs say eos_token_id=2 and then pool at the highest token id, which
+        # becomes the new word's; pool at the real end-of-text token instead.
+        encoder.config.eos_token_id = tokenizer.eos_token_id
+        encoder.text_model.eos_token_id = tokenizer.eos_token_id
+    return ModelParts(info, tokenizers, text_encoders, vae, unet, noise_scheduler)

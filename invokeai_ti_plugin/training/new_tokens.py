@@ -65,16 +65,23 @@ def add_placeholder_tokens(
 def initializer_vectors(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, initializer: str, num_vectors: int
 ) -> torch.Tensor:
-    """The starting vectors: the initializer token's own, one copy per learned vector."""
+    """The starting vectors, from the initializer's token vectors.
+
+    With as many tokens as vectors, one each; with fewer tokens, they repeat in turn; with more,
+    the tokens are split into consecutive groups and each vector starts at its group's mean.
+    """
     ids = token_ids_of(tokenizer, initializer)
-    if len(ids) != 1:
+    special = set(tokenizer.all_special_ids)
+    if not ids or any(token_id in special for token_id in ids):
         raise UserInputError(
-            f"{initializer!r} is {len(ids)} tokens for this model, not one; use a single "
-            "token such as '*' or 'painting'",
+            f"{initializer!r} gives no ordinary tokens for this model; use a word such as '*' "
+            "or 'painting'",
             option="initializer_token",
         )
-    row = text_encoder.get_input_embeddings().weight[ids[0]].detach().float()
-    return row.unsqueeze(0).repeat(num_vectors, 1)
+    rows = text_encoder.get_input_embeddings().weight[ids].detach().float()
+    if len(ids) <= num_vectors:
+        return rows[torch.arange(num_vectors) % len(ids)]
+    return torch.stack([group.mean(dim=0) for group in torch.tensor_split(rows, num_vectors)])
 
 
 def install_placeholder_embedding(

@@ -14,6 +14,7 @@ def denoising_loss(
     encoder_hidden_states: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and the target its scheduler was trained for.
 
@@ -29,5 +30,12 @@ def denoising_loss(
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     dtype = unet.dtype
-    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
+    if added_cond_kwargs is not None:  # SDXL: pooled text and size/crop conditioning
+        added_cond_kwargs = {key: value.to(dtype) for key, value in added_cond_kwargs.items()}
+    prediction = unet(
+        noisy.to(dtype),
+        timesteps,
+        encoder_hidden_states.to(dtype),
+        added_cond_kwargs=added_cond_kwargs,
+    ).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")

@@ -6,6 +6,7 @@ concepts need different sentence shapes ("a photo of X" versus "a painting in th
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
@@ -53,3 +54,21 @@ def training_prompts(token_text: str, learnable_property: Literal["object", "sty
     """Every template with the placeholder text put in."""
     templates = OBJECT_TEMPLATES if learnable_property == "object" else STYLE_TEMPLATES
     return [template.format(token_text) for template in templates]
+
+
+def caption_prompt(caption: str, placeholder: str, token_text: str) -> str:
+    """An image's own caption with the new word in it: where the caption puts `{}`, the
+    placeholder or the bare trigger word; else in front."""
+    if "{}" in caption:
+        return caption.replace("{}", token_text)
+    if placeholder in caption:
+        return caption.replace(placeholder, token_text)
+    trigger = re.compile(rf"(?<![\w<-]){re.escape(placeholder.strip('<>'))}(?![\w>-])")
+    if trigger.search(caption):
+        return trigger.sub(lambda _: token_text, caption)
+    return f"{token_text}, {caption}"
+
+
+def validation_prompt(token_text: str, learnable_property: Literal["object", "style"]) -> str:
+    """The default sample prompt: the first template, which reads most plainly."""
+    return training_prompts(token_text, learnable_property)[0]

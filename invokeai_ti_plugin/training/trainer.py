@@ -7,6 +7,7 @@ chosen precision, and the VAE encodes each image once before training starts.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import secrets
@@ -38,19 +39,31 @@ from .checkpoints import (
     resolve_checkpoint,
     save_process_state,
 )
-from .embedding_file import EMBEDDING_FILENAME, save_embedding, token_dimension_mismatch
+from .embedding_file import (
+    EMBEDDING_FILENAME,
+    EMBEDDING_KEY,
+    SDXL_KEYS,
+    EmbeddingVectors,
+    read_embedding_vectors,
+    save_vectors,
+    token_dimension_mismatch,
+)
 from .examples import ExampleSampler
-from .images import load_training_images
+from .images import TrainingImage, load_training_images
 from .latent_cache import LatentCache
+from .loss_plot import LOSS_PLOT_FILENAME, write_loss_plot
 from .model_files import ModelInfo, ModelParts, inspect_model, load_model_parts, require_trainable
 from .new_tokens import (
+    PlaceholderEmbedding,
     add_placeholder_tokens,
     initializer_vectors,
     install_placeholder_embedding,
     placeholder_tokens,
 )
 from .objective import denoising_loss
-from .prompts import training_prompts
+from .prompts import caption_prompt, training_prompts, validation_prompt
+from .samples import render_samples, sample_path, save_grid
+from .text_conditioning import TextConditioning, sdxl_time_ids
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +136,15 @@ class Trainer:
         logger.info("loading %s (%s)", info.folder, info.base)
         parts = load_model_parts(info, _DTYPES[mixed_precision])
         self.model_parts = parts
-        token_ids = add_placeholder_tokens(
-            parts.tokenizer, config.placeholder_token, config.num_vectors
-        )
-        start = initializer_vectors(
-            parts.tokenizer, parts.text_encoder, config.initializer_token, config.num_vectors
-        )
+        new_words = [
+            (
+                add_placeholder_tokens(tokenizer, config.placeholder_token, config.num_vectors),
+                initializer_vectors(
+                    tokenizer, encoder, config.initializer_token, config.num_vectors
+                ),
+            )
+            for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
+        ]
         if snapshot is not None:
             _check_resumable(snapshot, config, info)
         seed = int(snapshot.facts["seed"]) if snapshot else _choose_seed(config.seed)
@@ -138,9 +154,10 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=mixed_precision,
             project_dir=str(out),
+            log_with=_tracker(config),
         )
         with _accelerator_session(accelerator):
-            run = _Run(self, accelerator, parts, token_ids, start, images, resolution, seed)
+            run = _Run(self, accelerator, parts, new_words, images, resolution, seed)
             if snapshot is not None and resume_from is not None:
                 run.restore(snapshot, resume_from)
             elif accelerator.is_main_process:
@@ -157,80 +174,99 @@ class _Run:
         trainer: Trainer,
         accelerator: Accelerator,
         parts: ModelParts,
-        token_ids: list[int],
-        start_vectors: torch.Tensor,
-        images: list[Any],
+        new_words: list[tuple[list[int], torch.Tensor]],
+        images: list[TrainingImage],
         resolution: int,
         seed: int,
     ) -> None:
         self.trainer = trainer
-        self.config = trainer.config
+        self.config = config = trainer.config
         self.accelerator = accelerator
         self.parts = parts
         self.seed = seed
         self.resolution = resolution
         self.step = 0
         device = accelerator.device
-        _choose_attention(parts, self.config.enable_xformers_memory_efficient_attention)
-        if self.config.gradient_checkpointing:
+        _choose_attention(parts, config.enable_xformers_memory_efficient_attention)
+        if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
 
         parts.vae.to(device)
         pixels = torch.stack([image.pixels for image in images])
         logger.info("encoding %d images once (with flips) at %d px", len(images), resolution)
         self.latents = LatentCache.encode(parts.vae, pixels, with_flips=True)
-        parts.vae.to("cpu")  # not needed again during training: free the device's memory
+        parts.vae.to("cpu")  # needed again only for sample grids: free the device's memory
 
         parts.unet.to(device)
-        parts.text_encoder.to(device)
-        self.placeholder = install_placeholder_embedding(
-            parts.text_encoder, token_ids, start_vectors
-        )
+        self.placeholders: list[PlaceholderEmbedding] = []
+        for encoder, (token_ids, start) in zip(parts.text_encoders, new_words, strict=True):
+            encoder.to(device)
+            self.placeholders.append(install_placeholder_embedding(encoder, token_ids, start))
 
-        token_text = " ".join(
-            placeholder_tokens(self.config.placeholder_token, self.config.num_vectors)
-        )
-        prompts = training_prompts(token_text, self.config.learnable_property)
-        self.prompt_ids = parts.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=parts.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        self.token_text = " ".join(placeholder_tokens(config.placeholder_token, config.num_vectors))
+        templates = training_prompts(self.token_text, config.learnable_property)
+        captions = [
+            caption_prompt(image.caption, config.placeholder_token, self.token_text)
+            for image in images
+            if image.caption
+        ]
+        caption_rows, next_row = [], len(templates)
+        for image in images:
+            caption_rows.append(next_row if image.caption else -1)
+            next_row += 1 if image.caption else 0
+        self.caption_row = torch.tensor(caption_rows)
+        self.time_ids = sdxl_time_ids(images, resolution).to(device)
 
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         self.sampler = ExampleSampler(
-            len(images), len(prompts), flip=True, generator=self.generator
+            len(images), len(templates), flip=True, generator=self.generator
         )
 
-        learning_rate = self.config.learning_rate
-        if self.config.scale_lr:
+        learning_rate = config.learning_rate
+        if config.scale_lr:
             learning_rate *= (
-                self.config.gradient_accumulation_steps
-                * self.config.train_batch_size
+                config.gradient_accumulation_steps
+                * config.train_batch_size
                 * accelerator.num_processes
             )
         optimizer = torch.optim.AdamW(
-            [self.placeholder.vectors],
+            [placeholder.vectors for placeholder in self.placeholders],
             lr=learning_rate,
-            betas=(self.config.adam_beta1, self.config.adam_beta2),
-            weight_decay=self.config.adam_weight_decay,
-            eps=self.config.adam_epsilon,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
         )
         self.lr_scheduler = get_scheduler(
-            self.config.lr_scheduler,
+            config.lr_scheduler,
             optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps,
-            num_training_steps=self.config.max_train_steps,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
         )
-        self.text_encoder, self.optimizer = accelerator.prepare(parts.text_encoder, optimizer)
-        self.history = _History(self.config.out_dir / LOG_DIRNAME / HISTORY_FILENAME, accelerator)
+        *encoders, self.optimizer = accelerator.prepare(*parts.text_encoders, optimizer)
+        self.conditioning = TextConditioning(
+            parts.tokenizers, encoders, templates + captions, device
+        )
+        self.history = _History(config.out_dir / LOG_DIRNAME / HISTORY_FILENAME, accelerator)
+        if config.report_to != "none":
+            accelerator.init_trackers("textual_inversion")
+
+    @property
+    def vector_keys(self) -> tuple[str, ...]:
+        return SDXL_KEYS if self.parts.info.is_sdxl else (EMBEDDING_KEY,)
+
+    def learned_vectors(self) -> EmbeddingVectors:
+        return EmbeddingVectors(
+            {
+                key: placeholder.vectors
+                for key, placeholder in zip(self.vector_keys, self.placeholders, strict=True)
+            }
+        )
 
     def restore(self, snapshot: TrainingSnapshot, folder: Path) -> None:
         """Continue from a checkpoint exactly as if the run had never stopped."""
         with torch.no_grad():
-            self.placeholder.vectors.copy_(snapshot.vectors.to(self.placeholder.vectors.device))
+            for key, placeholder in zip(self.vector_keys, self.placeholders, strict=True):
+                placeholder.vectors.copy_(snapshot.vectors[key].to(placeholder.vectors.device))
         self.optimizer.load_state_dict(snapshot.optimizer)
         self.lr_scheduler.load_state_dict(snapshot.lr_scheduler)
         self.sampler.load_state_dict(load_process_state(folder, self.accelerator.process_index))
@@ -255,7 +291,10 @@ class _Run:
         while self.step < config.max_train_steps:
             loss_sum = torch.zeros((), device=accelerator.device)
             for _ in range(config.gradient_accumulation_steps):
-                with accelerator.accumulate(self.text_encoder), accelerator.autocast():
+                with (
+                    accelerator.accumulate(*self.conditioning.text_encoders),
+                    accelerator.autocast(),
+                ):
                     loss = self._loss_of_next_batch()
                     accelerator.backward(loss)
                     self.optimizer.step()
@@ -264,9 +303,8 @@ class _Run:
             if not self.optimizer.step_was_skipped:
                 self.lr_scheduler.step()
             self.step += 1
-            loss_value = (
-                float(accelerator.reduce(loss_sum, "mean")) / config.gradient_accumulation_steps
-            )
+            reduced = accelerator.reduce(loss_sum, "mean")
+            loss_value = float(reduced) / config.gradient_accumulation_steps
             now = time.perf_counter()
             elapsed, last = now - last, now
             seconds_per_step = (
@@ -274,6 +312,8 @@ class _Run:
             )
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
             self.history.add(self.step, loss_value, learning_rate)
+            if config.report_to != "none":
+                accelerator.log({"loss": loss_value, "lr": learning_rate}, step=self.step)
             if accelerator.is_main_process and self.trainer.on_progress:
                 self.trainer.on_progress(
                     ProgressUpdate(
@@ -287,9 +327,14 @@ class _Run:
             if self._stop_is_requested():
                 stopped = True
                 break
-            if self.step % config.checkpointing_steps == 0 and self.step < config.max_train_steps:
-                self.save_checkpoint()
+            if self.step < config.max_train_steps:
+                if self.step % config.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if config.validation_steps and self.step % config.validation_steps == 0:
+                    self.save_samples()
+            last = time.perf_counter()  # saving is not training time
         checkpoint = self.save_checkpoint()
+        self.save_samples()
         return self._finish(completed=not stopped, checkpoint=checkpoint)
 
     def _loss_of_next_batch(self) -> torch.Tensor:
@@ -298,13 +343,42 @@ class _Run:
         latents = self.latents.sample(batch.image_index, batch.flipped, self.generator).to(device)
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
         num_timesteps = self.parts.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=self.generator).to(
-            device
-        )
-        hidden_states = self.text_encoder(self.prompt_ids[batch.prompt_index.to(device)])[0]
+        timesteps = torch.randint(0, num_timesteps, (len(latents),), generator=self.generator)
+        captioned = self.caption_row[batch.image_index]
+        rows = torch.where(captioned >= 0, captioned, batch.prompt_index)
+        hidden, added = self.conditioning.encode(rows, self.time_ids[batch.image_index.to(device)])
         return denoising_loss(
-            self.parts.unet, self.parts.noise_scheduler, latents, hidden_states, noise, timesteps
+            self.parts.unet,
+            self.parts.noise_scheduler,
+            latents,
+            hidden,
+            noise,
+            timesteps.to(device),
+            added,
         )
+
+    def save_samples(self) -> Path | None:
+        """A grid of samples for the validation prompt (main process); None when disabled."""
+        config = self.config
+        if not config.num_validation_images or not self.accelerator.is_main_process:
+            return None
+        prompt = config.validation_prompt or validation_prompt(
+            config.placeholder_token, config.learnable_property
+        )
+        encoders = [self.accelerator.unwrap_model(e) for e in self.conditioning.text_encoders]
+        images = render_samples(
+            self.parts,
+            encoders,
+            prompt,
+            config.num_validation_images,
+            self.resolution,
+            self.seed,
+            self.accelerator.device,
+        )
+        path = sample_path(config.out_dir, self.step)
+        save_grid(images, path)
+        logger.info("sample grid for %r at step %d: %s", prompt, self.step, path)
+        return path
 
     def _stop_is_requested(self) -> bool:
         """All processes stop together, whichever of them was interrupted."""
@@ -337,12 +411,13 @@ class _Run:
         if accelerator.is_main_process:
             snapshot = TrainingSnapshot(
                 step=self.step,
-                vectors=self.placeholder.vectors,
+                vectors=self.learned_vectors().tensors,
                 optimizer=self.optimizer.state_dict(),
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 facts=self._facts(),
             )
             finish_checkpoint(temp, out, snapshot)
+            self.history.plot(f"{self.config.placeholder_token} on {self.parts.info.folder.name}")
             logger.info("saved checkpoint at step %d", self.step)
         accelerator.wait_for_everyone()
         return checkpoints_root(out) / f"checkpoint-{self.step}"
@@ -354,8 +429,8 @@ class _Run:
         facts = self._facts()
         if self.accelerator.is_main_process:
             metadata = {key: str(value) for key, value in facts.items() if key != "num_processes"}
-            save_embedding(
-                embedding_path, self.placeholder.vectors, {**metadata, "steps": str(self.step)}
+            save_vectors(
+                embedding_path, self.learned_vectors(), {**metadata, "steps": str(self.step)}
             )
             summary = {
                 **facts,
@@ -406,6 +481,10 @@ class _History:
             line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step
         ]
         self.path.write_text("".join(f"{line}\n" for line in kept))
+
+    def plot(self, title: str) -> None:
+        if self.enabled and self.path.is_file():
+            write_loss_plot(self.path, self.path.parent.parent / LOSS_PLOT_FILENAME, title)
 
     def add(self, step: int, loss: float, learning_rate: float) -> None:
         if self.enabled:
@@ -514,10 +593,20 @@ def _attach_log_file(out: Path, accelerator: Accelerator) -> None:
 
 def _export_pipeline(model_folder: Path, embedding_path: Path, token: str, out: Path) -> None:
     """A whole diffusers pipeline with the new word built in (--no-only_save_embeds)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
-    pipeline.load_textual_inversion(str(embedding_path), token=token)
+    pipeline = DiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
+    vectors = read_embedding_vectors(embedding_path).tensors
+    if set(vectors) == set(SDXL_KEYS):
+        for key, suffix in zip(SDXL_KEYS, ("", "_2"), strict=True):
+            pipeline.load_textual_inversion(
+                vectors[key],
+                token=token,
+                text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
+                tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
+            )
+    else:
+        pipeline.load_textual_inversion(str(embedding_path), token=token)
     target = out / "pipeline"
     temp = out / ".pipeline.partial"
     shutil.rmtree(temp, ignore_errors=True)
@@ -525,6 +614,17 @@ def _export_pipeline(model_folder: Path, embedding_path: Path, token: str, out: 
     shutil.rmtree(target, ignore_errors=True)
     temp.rename(target)
     logger.info("saved a pipeline with %s built in: %s", token, target)
+
+
+def _tracker(config: TrainingConfig) -> str | None:
+    """accelerate's TensorBoard tracker, when asked for and installed."""
+    if config.report_to == "none":
+        return None
+    if importlib.util.find_spec("tensorboard") is None:
+        logger.warning("tensorboard is not installed; logging to logs/history.jsonl only")
+        config.report_to = "none"
+        return None
+    return config.report_to
 
 
 @contextmanager

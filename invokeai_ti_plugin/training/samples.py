@@ -1,0 +1,85 @@
+"""Sample grids while training: see the concept appear, and check it before trusting it.
+
+The run's own in-memory model (with the new word's current vectors) drives a diffusers pipeline
+with a fast multistep scheduler and few steps, and the same seeds every time, so grids from
+different steps differ only by what was learned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from ..atomic_files import write_atomically
+from .model_files import ModelParts
+
+SAMPLE_DIRNAME = "samples"
+INFERENCE_STEPS = 20
+
+
+def sample_path(output_dir: Path, step: int) -> Path:
+    return output_dir / SAMPLE_DIRNAME / f"step-{step:06d}.png"
+
+
+@torch.no_grad()
+def render_samples(
+    parts: ModelParts,
+    text_encoders: list[torch.nn.Module],
+    prompt: str,
+    count: int,
+    resolution: int,
+    seed: int,
+    device: torch.device,
+) -> list[Image.Image]:
+    """`count` images of `prompt`, seeds seed, seed+1, ...; the VAE visits the device briefly."""
+    scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
+    common = {"vae": parts.vae, "unet": parts.unet, "scheduler": scheduler}
+    if parts.info.is_sdxl:
+        pipeline = StableDiffusionXLPipeline(
+            text_encoder=text_encoders[0],
+            text_encoder_2=text_encoders[1],
+            tokenizer=parts.tokenizers[0],
+            tokenizer_2=parts.tokenizers[1],
+            **common,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            text_encoder=text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **common,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    parts.vae.to(device)
+    try:
+        generators = [torch.Generator().manual_seed(seed + index) for index in range(count)]
+        images: list[Image.Image] = pipeline(
+            [prompt] * count,
+            num_inference_steps=INFERENCE_STEPS,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
+    finally:
+        parts.vae.to("cpu")
+    return images
+
+
+def save_grid(images: list[Image.Image], path: Path) -> None:
+    """One row of up to four images per line, written atomically."""
+    columns = min(4, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    write_atomically(path, lambda temp: grid.save(temp, format="PNG"))

@@ -1,0 +1,238 @@
+"""SDXL, multi-vector words, captions, sample grids and the loss plot, on real tiny pipelines."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.config import TrainingConfig
+from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
+from invokeai_ti_plugin.training.images import load_training_images
+from invokeai_ti_plugin.training.latent_cache import LatentCache
+from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.new_tokens import (
+    add_placeholder_tokens,
+    initializer_vectors,
+    install_placeholder_embedding,
+)
+from invokeai_ti_plugin.training.objective import denoising_loss
+from invokeai_ti_plugin.training.prompts import training_prompts
+from invokeai_ti_plugin.training.text_conditioning import TextConditioning, sdxl_time_ids
+from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+
+from .conftest import host_records
+from .test_host import DIMENSION_MISMATCH, _train_args
+
+MakeConfig = Callable[..., TrainingConfig]
+
+
+def _fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) -> float:
+    """Mean loss over every image and prompt with fixed noise and timesteps."""
+    info = inspect_model(Path(config.model))
+    parts = load_model_parts(info)
+    for tokenizer, encoder, start in zip(
+        parts.tokenizers, parts.text_encoders, vectors.values(), strict=True
+    ):
+        ids = add_placeholder_tokens(tokenizer, config.placeholder_token, len(start))
+        install_placeholder_embedding(encoder, ids, start)
+    images = load_training_images(config.data_dir, info.native_resolution, False)
+    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), False)
+    prompts = training_prompts(config.placeholder_token, config.learnable_property)
+    conditioning = TextConditioning(parts.tokenizers, parts.text_encoders, prompts, "cpu")
+    time_ids = sdxl_time_ids(images, info.native_resolution)
+    generator = torch.Generator().manual_seed(99)
+    losses = []
+    with torch.no_grad():
+        for repeat in range(6):
+            index = torch.arange(len(images))
+            latents = cache.sample(index, torch.zeros_like(index, dtype=torch.bool), generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
+            hidden, added = conditioning.encode((index + repeat) % len(prompts), time_ids)
+            losses.append(
+                denoising_loss(
+                    parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps, added
+                )
+            )
+    return float(torch.stack(losses).mean())
+
+
+@pytest.mark.slow
+def test_sdxl_trains_both_encoders_and_only_their_new_rows(
+    make_config: MakeConfig, sdxl_model: Path
+) -> None:
+    config = make_config(model=str(sdxl_model), max_train_steps=60, learning_rate=2e-2)
+    info = inspect_model(sdxl_model)
+    assert (info.base, info.token_dims, info.native_resolution) == ("sdxl", (768, 1280), 64)
+    original = load_model_parts(info)
+    starts = {
+        key: initializer_vectors(tokenizer, encoder, "ball", 1)
+        for key, tokenizer, encoder in zip(
+            ("clip_l", "clip_g"), original.tokenizers, original.text_encoders, strict=True
+        )
+    }
+    trainer = Trainer(config)
+    result = trainer.run()
+    stored = read_embedding_vectors(result.embedding_path)
+    assert {key: tuple(t.shape) for key, t in stored.tensors.items()} == {
+        "clip_l": (1, 768),
+        "clip_g": (1, 1280),
+    }
+    for key in starts:
+        assert not torch.equal(stored.tensors[key], starts[key]), f"{key} did not learn"
+
+    trained = trainer.model_parts
+    assert trained is not None
+    for before_model, after_model in zip(
+        [original.unet, *original.text_encoders],
+        [trained.unet, *trained.text_encoders],
+        strict=True,
+    ):
+        after = {
+            key.replace("token_embedding.frozen.", "token_embedding."): value
+            for key, value in after_model.state_dict().items()
+            if not key.endswith("token_embedding.vectors")
+        }
+        for key, value in before_model.state_dict().items():
+            assert torch.equal(value, after[key].cpu()), f"{key} changed"
+
+    before = _fixed_eval_loss(config, starts)
+    after_loss = _fixed_eval_loss(config, stored.tensors)
+    assert after_loss < before * 0.995, (before, after_loss)  # weak text path: tiny UNet
+
+
+def test_sdxl_embedding_registers_as_sdxl_and_loads_in_diffusers(
+    host_root: Path, object_images: Path, sdxl_model: Path
+) -> None:
+    assert main(_train_args(host_root, object_images, "tiny-sdxl", "--num_vectors=2")) == 0
+    (record,) = host_records(host_root)
+    assert (record.name, record.base.value) == ("striped-ball", "sdxl")
+    vectors = read_embedding_vectors(Path(record.path)).tensors
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(sdxl_model))
+    for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        pipeline.load_textual_inversion(
+            vectors[key],
+            token="<striped-ball>",
+            text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
+            tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
+        )
+    token_id = pipeline.tokenizer_2.convert_tokens_to_ids("<striped-ball>_1")
+    table = pipeline.text_encoder_2.get_input_embeddings().weight
+    torch.testing.assert_close(table[token_id], vectors["clip_g"][1])
+    image = pipeline(
+        "a photo of a <striped-ball>", num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_the_dimension_check_covers_sdxl(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
+) -> None:
+    for model, name in (("tiny-sdxl", "xl"), ("tiny-sd-1", "one")):
+        out = tmp_path / name
+        args = _train_args(host_root, object_images, model, f"--output_dir={out}")
+        assert main([*args, "--no-register_embedding"]) == 0
+    capsys.readouterr()
+    xl = tmp_path / "xl" / "learned_embeds.safetensors"
+    one = tmp_path / "one" / "learned_embeds.safetensors"
+    assert main(["import", str(xl), f"--root={host_root}", "--model=tiny-sd-1"]) == 2
+    expected = DIMENSION_MISMATCH.format(name="striped-ball", got=1280, want=768)
+    assert expected in capsys.readouterr().err
+    assert main(["import", str(one), f"--root={host_root}", "--model=tiny-sdxl"]) == 2
+    expected = DIMENSION_MISMATCH.format(name="striped-ball", got=768, want=1280)
+    assert expected in capsys.readouterr().err
+    assert host_records(host_root) == []
+
+
+def test_initializer_phrases_seed_the_vectors(sd1_model: Path) -> None:
+    parts = load_model_parts(inspect_model(sd1_model))
+    tokenizer, encoder = parts.tokenizers[0], parts.text_encoders[0]
+    table = encoder.get_input_embeddings().weight
+    red, ball = (tokenizer("red ball", add_special_tokens=False).input_ids[i] for i in (0, 1))
+    same = initializer_vectors(tokenizer, encoder, "red ball", 2)
+    torch.testing.assert_close(same, table[[red, ball]])
+    repeated = initializer_vectors(tokenizer, encoder, "red ball", 3)
+    torch.testing.assert_close(repeated, table[[red, ball, red]])
+    averaged = initializer_vectors(tokenizer, encoder, "red ball", 1)
+    torch.testing.assert_close(averaged[0], table[[red, ball]].mean(dim=0))
+
+
+def test_three_vectors_round_trip_through_the_host_and_diffusers(
+    host_root: Path, object_images: Path, sd1_model: Path
+) -> None:
+    args = _train_args(host_root, object_images, "tiny-sd-1", "--num_vectors=3")
+    assert main([*args, "--initializer_token=red striped ball"]) == 0
+    (record,) = host_records(host_root)
+    assert (record.name, record.base.value) == ("striped-ball", "sd-1")
+    vectors = read_embedding_vectors(Path(record.path)).tensors["emb_params"]
+    assert vectors.shape == (3, 768)
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(sd1_model), safety_checker=None)
+    pipeline.load_textual_inversion(record.path, token="<striped-ball>")
+    expanded = pipeline.maybe_convert_prompt("a <striped-ball>", pipeline.tokenizer)
+    assert expanded == "a <striped-ball> <striped-ball>_1 <striped-ball>_2"
+    ids = pipeline.tokenizer(expanded, add_special_tokens=False).input_ids
+    table = pipeline.text_encoder.get_input_embeddings().weight
+    torch.testing.assert_close(table[ids[1:]], vectors)
+
+
+def test_captions_are_the_prompts_of_their_images(
+    make_config: MakeConfig, object_images: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "captioned"
+    data.mkdir()
+    for name in ("demo_00.png", "demo_01.png"):
+        shutil.copy(object_images / name, data / name)
+    (data / "demo_00.txt").write_text("a {} lying on the beach\n")
+    config = make_config(train_data_dir=data, max_train_steps=8, train_batch_size=2)
+    trainer = Trainer(config)
+    seen: list[list[int]] = []
+
+    def watch_prompts(update: ProgressUpdate) -> None:
+        if update.step == 1:
+            assert trainer.model_parts is not None
+            encoder = trainer.model_parts.text_encoders[0]
+            encoder.register_forward_pre_hook(
+                lambda module, args: seen.extend(args[0].tolist()) if args else None
+            )
+
+    trainer.on_progress = watch_prompts
+    trainer.run()
+    tokenizer = trainer.model_parts.tokenizers[0]  # type: ignore[union-attr]
+
+    def ids_of(prompt: str) -> tuple[int, ...]:
+        return tuple(tokenizer(prompt, padding="max_length", max_length=77).input_ids)
+
+    caption = ids_of("a <striped-ball> lying on the beach")
+    templates = {ids_of(prompt) for prompt in training_prompts("<striped-ball>", "object")}
+    fed = {tuple(ids) for ids in seen}
+    assert caption in fed
+    assert fed - {caption} <= templates and len(fed) > 1  # the other image uses the templates
+
+
+def test_sample_grids_and_loss_plot(make_config: MakeConfig) -> None:
+    config = make_config(
+        max_train_steps=4,
+        validation_steps=2,
+        num_validation_images=2,
+        learning_rate=0.5,
+        validation_prompt="a photo of a <striped-ball> on grass",
+    )
+    Trainer(config).run()
+    samples = sorted((config.out_dir / "samples").glob("*.png"))
+    assert [path.name for path in samples] == ["step-000002.png", "step-000004.png"]
+    grids = [np.asarray(Image.open(path).convert("RGB"), dtype=np.int16) for path in samples]
+    assert grids[0].shape == (64, 128, 3)  # two 64-px samples side by side
+    assert np.abs(grids[0] - grids[1]).sum() > 0, "what was learned does not show"
+    with Image.open(config.out_dir / "loss.png") as plot:
+        plot.verify()
+    assert plot.format == "PNG"
