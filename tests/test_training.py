@@ -230,3 +230,13 @@ def test_cached_latents_match_encoding_every_step(sd1_model: Path, object_images
     noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
     direct = (dist.mean + dist.std * noise) * parts.vae.config.scaling_factor
     torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_state_holds_only_the_new_vectors(make_config: MakeConfig) -> None:
+    config = make_config(max_train_steps=2, num_vectors=2)
+    result = Trainer(config).run()
+    state = torch.load(result.checkpoint / "optimizer.pt", weights_only=True)
+    assert [len(group["params"]) for group in state["param_groups"]] == [1]
+    (moments,) = state["state"].values()
+    assert moments["exp_avg"].shape == (2, 768)
+    assert moments["exp_avg_sq"].shape == (2, 768)
