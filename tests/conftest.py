@@ -12,11 +12,22 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import invokeai_ti_plugin.tiny_models as tiny_models
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.tiny_models import build_tiny_pipeline, make_demo_images
+from invokeai_ti_plugin.training.images import load_training_images
+from invokeai_ti_plugin.training.latent_cache import LatentCache
+from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.new_tokens import (
+    add_placeholder_tokens,
+    install_placeholder_embedding,
+)
+from invokeai_ti_plugin.training.objective import denoising_loss
+from invokeai_ti_plugin.training.prompts import training_prompts
+from invokeai_ti_plugin.training.text_conditioning import TextConditioning, sdxl_time_ids
 
 
 def _cache_dir() -> Path:
@@ -119,3 +130,34 @@ def host_records(root: Path, model_type: str = "embedding") -> list:  # type: ig
 
     with open_host_models(root) as models:
         return list(models.store.search_by_attr(model_type=ModelType(model_type)))
+
+
+def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) -> float:
+    """Mean loss over every image and prompt with fixed noise and timesteps."""
+    info = inspect_model(Path(config.model))
+    parts = load_model_parts(info)
+    for tokenizer, encoder, start in zip(
+        parts.tokenizers, parts.text_encoders, vectors.values(), strict=True
+    ):
+        ids = add_placeholder_tokens(tokenizer, config.placeholder_token, len(start))
+        install_placeholder_embedding(encoder, ids, start)
+    images = load_training_images(config.data_dir, info.native_resolution, False)
+    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), False)
+    prompts = training_prompts(config.placeholder_token, config.learnable_property)
+    conditioning = TextConditioning(parts.tokenizers, parts.text_encoders, prompts, "cpu")
+    time_ids = sdxl_time_ids(images, info.native_resolution)
+    generator = torch.Generator().manual_seed(99)
+    losses = []
+    with torch.no_grad():
+        for repeat in range(6):
+            index = torch.arange(len(images))
+            latents = cache.sample(index, torch.zeros_like(index, dtype=torch.bool), generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
+            hidden, added = conditioning.encode((index + repeat) % len(prompts), time_ids)
+            losses.append(
+                denoising_loss(
+                    parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps, added
+                )
+            )
+    return float(torch.stack(losses).mean())

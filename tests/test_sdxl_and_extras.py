@@ -15,54 +15,17 @@ from PIL import Image
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
-from invokeai_ti_plugin.training.images import load_training_images
-from invokeai_ti_plugin.training.latent_cache import LatentCache
 from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
 from invokeai_ti_plugin.training.new_tokens import (
-    add_placeholder_tokens,
     initializer_vectors,
-    install_placeholder_embedding,
 )
-from invokeai_ti_plugin.training.objective import denoising_loss
 from invokeai_ti_plugin.training.prompts import training_prompts
-from invokeai_ti_plugin.training.text_conditioning import TextConditioning, sdxl_time_ids
 from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
 
-from .conftest import host_records
+from .conftest import fixed_eval_loss, host_records
 from .test_host import DIMENSION_MISMATCH, _train_args
 
 MakeConfig = Callable[..., TrainingConfig]
-
-
-def _fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) -> float:
-    """Mean loss over every image and prompt with fixed noise and timesteps."""
-    info = inspect_model(Path(config.model))
-    parts = load_model_parts(info)
-    for tokenizer, encoder, start in zip(
-        parts.tokenizers, parts.text_encoders, vectors.values(), strict=True
-    ):
-        ids = add_placeholder_tokens(tokenizer, config.placeholder_token, len(start))
-        install_placeholder_embedding(encoder, ids, start)
-    images = load_training_images(config.data_dir, info.native_resolution, False)
-    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), False)
-    prompts = training_prompts(config.placeholder_token, config.learnable_property)
-    conditioning = TextConditioning(parts.tokenizers, parts.text_encoders, prompts, "cpu")
-    time_ids = sdxl_time_ids(images, info.native_resolution)
-    generator = torch.Generator().manual_seed(99)
-    losses = []
-    with torch.no_grad():
-        for repeat in range(6):
-            index = torch.arange(len(images))
-            latents = cache.sample(index, torch.zeros_like(index, dtype=torch.bool), generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
-            hidden, added = conditioning.encode((index + repeat) % len(prompts), time_ids)
-            losses.append(
-                denoising_loss(
-                    parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps, added
-                )
-            )
-    return float(torch.stack(losses).mean())
 
 
 @pytest.mark.slow
@@ -104,8 +67,8 @@ def test_sdxl_trains_both_encoders_and_only_their_new_rows(
         for key, value in before_model.state_dict().items():
             assert torch.equal(value, after[key].cpu()), f"{key} changed"
 
-    before = _fixed_eval_loss(config, starts)
-    after_loss = _fixed_eval_loss(config, stored.tensors)
+    before = fixed_eval_loss(config, starts)
+    after_loss = fixed_eval_loss(config, stored.tensors)
     assert after_loss < before * 0.995, (before, after_loss)  # weak text path: tiny UNet
 
 

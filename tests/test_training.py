@@ -19,41 +19,13 @@ from invokeai_ti_plugin.training.model_files import inspect_model, load_model_pa
 from invokeai_ti_plugin.training.new_tokens import (
     add_placeholder_tokens,
     initializer_vectors,
-    install_placeholder_embedding,
 )
 from invokeai_ti_plugin.training.objective import denoising_loss
-from invokeai_ti_plugin.training.prompts import training_prompts
 from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
 
+from .conftest import fixed_eval_loss
+
 MakeConfig = Callable[..., TrainingConfig]
-
-
-def _fixed_eval_loss(config: TrainingConfig, vectors: torch.Tensor) -> float:
-    """Mean loss over all images and prompts with fixed noise and timesteps."""
-    info = inspect_model(Path(config.model))
-    parts = load_model_parts(info)
-    ids = add_placeholder_tokens(parts.tokenizers[0], config.placeholder_token, 1)
-    install_placeholder_embedding(parts.text_encoders[0], ids, vectors)
-    images = load_training_images(config.data_dir, info.native_resolution, False)
-    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), with_flips=False)
-    prompts = training_prompts(config.placeholder_token, config.learnable_property)
-    prompt_ids = parts.tokenizers[0](
-        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
-    generator = torch.Generator().manual_seed(99)
-    losses = []
-    with torch.no_grad():
-        for repeat in range(6):
-            index = torch.arange(len(images))
-            latents = cache.sample(index, torch.zeros_like(index, dtype=torch.bool), generator)
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (len(images),), generator=generator)
-            chosen = prompt_ids[(index + repeat) % len(prompts)]
-            hidden = parts.text_encoders[0](chosen)[0]
-            losses.append(
-                denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps)
-            )
-    return float(torch.stack(losses).mean())
 
 
 @pytest.mark.slow
@@ -68,8 +40,8 @@ def test_training_lowers_the_loss_on_the_training_images(make_config: MakeConfig
     assert len(ids) == 1
     result = Trainer(config).run()
     trained, _ = load_embedding(result.embedding_path)
-    before = _fixed_eval_loss(config, start)
-    after = _fixed_eval_loss(config, trained)
+    before = fixed_eval_loss(config, {"emb_params": start})
+    after = fixed_eval_loss(config, {"emb_params": trained})
     assert after < before * 0.99, (before, after)
 
 
