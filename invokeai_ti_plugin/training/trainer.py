@@ -129,6 +129,8 @@ class Trainer:
         if config.resume_from_checkpoint == "latest" and resume_from is None:
             logger.info("no checkpoint in %s yet: starting a new run", out)
         snapshot = load_snapshot(resume_from) if resume_from else None
+        if snapshot is not None:
+            _check_resumable(snapshot, config, info)
         if snapshot is None and not config.overwrite:
             _refuse_to_clobber(out)
         images = load_training_images(config.data_dir, resolution, config.center_crop)
@@ -145,8 +147,6 @@ class Trainer:
             )
             for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
         ]
-        if snapshot is not None:
-            _check_resumable(snapshot, config, info)
         seed = int(snapshot.facts["seed"]) if snapshot else _choose_seed(config.seed)
         _make_writable(out)
 
@@ -247,7 +247,8 @@ class _Run:
             parts.tokenizers, encoders, templates + captions, device
         )
         self.history = _History(config.out_dir / LOG_DIRNAME / HISTORY_FILENAME, accelerator)
-        if config.report_to != "none":
+        self.tracking = bool(accelerator.log_with)
+        if self.tracking:
             accelerator.init_trackers("textual_inversion")
 
     @property
@@ -312,7 +313,7 @@ class _Run:
             )
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
             self.history.add(self.step, loss_value, learning_rate)
-            if config.report_to != "none":
+            if self.tracking:
                 accelerator.log({"loss": loss_value, "lr": learning_rate}, step=self.step)
             if accelerator.is_main_process and self.trainer.on_progress:
                 self.trainer.on_progress(
@@ -622,7 +623,6 @@ def _tracker(config: TrainingConfig) -> str | None:
         return None
     if importlib.util.find_spec("tensorboard") is None:
         logger.warning("tensorboard is not installed; logging to logs/history.jsonl only")
-        config.report_to = "none"
         return None
     return config.report_to
 
