@@ -20,7 +20,6 @@ from pydantic_core import PydanticUndefined
 
 from .config import TrainingConfig, build_config, default_root
 from .console import guarded, setup_logging, train_on_console
-from .errors import UserInputError
 
 PROG = "invokeai-ti"
 
@@ -92,16 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_models(root: Path) -> int:
     """Print the diffusers main models of InvokeAI at `root`, trainable ones first."""
-    from .host.app_config import is_host_root
-    from .host.installed_models import installed_main_models
-    from .host.model_db import open_host_models
+    from .host.installed_models import installed_models_at
 
-    if not is_host_root(root):
-        raise UserInputError(
-            f"no InvokeAI installation at {root}; set INVOKEAI_ROOT or pass --root", option="root"
-        )
-    with open_host_models(root) as models:
-        found = installed_main_models(models)
+    found = installed_models_at(root)
     if not found:
         print(f"No main models are installed in InvokeAI at {root}.")
         return 0
@@ -167,7 +159,9 @@ def train_main(argv: Sequence[str]) -> int:
         if options.pop("list_models"):
             return list_models(options.get("root") or default_root())
         if options.pop("gui"):
-            raise UserInputError("the terminal form is not part of this version yet; use options")
+            from .tui import run_form
+
+            return run_form(options.pop("root", None) or default_root(), options)
         return train_on_console(build_config(options))
 
     return guarded(PROG, run)

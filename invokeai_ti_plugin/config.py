@@ -295,7 +295,7 @@ class TrainingConfig(BaseModel):
     @classmethod
     def _data_dir_holds_images(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         """Default to ROOT/text-inversion-training-data/<trigger>, then check it has images."""
-        folder = value or _per_trigger_folder(info, "text-inversion-training-data")
+        folder = value or _per_trigger_folder(info, output=False)
         if folder is None:
             return None
         folder = folder.expanduser()
@@ -315,7 +315,7 @@ class TrainingConfig(BaseModel):
     @classmethod
     def _default_output_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         """Default to ROOT/text-inversion-output/<trigger>, as the manual describes."""
-        folder = value or _per_trigger_folder(info, "text-inversion-output")
+        folder = value or _per_trigger_folder(info, output=True)
         return folder.expanduser() if folder else None
 
     @property
@@ -335,13 +335,23 @@ class TrainingConfig(BaseModel):
         return self.output_dir
 
 
-def _per_trigger_folder(info: ValidationInfo, kind: str) -> Path | None:
-    """ROOT/<kind>/<trigger>, or None while the token itself is invalid."""
+DATA_DIRNAME = "text-inversion-training-data"
+OUTPUT_DIRNAME = "text-inversion-output"
+
+
+def trigger_folders(root: Path, trigger: str) -> tuple[Path, Path]:
+    """The manual's defaults: ROOT/text-inversion-training-data/<trigger> for the images and
+    ROOT/text-inversion-output/<trigger> for the results."""
+    return root / DATA_DIRNAME / trigger, root / OUTPUT_DIRNAME / trigger
+
+
+def _per_trigger_folder(info: ValidationInfo, output: bool) -> Path | None:
+    """The default data (or output) folder, or None while the token itself is invalid."""
     token = info.data.get("placeholder_token")
     root = info.data.get("root")
     if token is None or root is None:
         return None
-    return Path(root) / kind / trigger_of(token)
+    return trigger_folders(Path(root), trigger_of(token))[int(output)]
 
 
 def build_config(options: dict[str, Any]) -> TrainingConfig:

@@ -75,6 +75,8 @@ def train_on_console(config: TrainingConfig) -> int:
     finally:
         progress.close()
     result = outcome.training
+    if not result.main_process:  # the main process reports for all
+        return 0 if result.completed else EXIT_STOPPED
     if not result.completed:
         print(
             f"Stopped at step {result.steps}; the embedding so far is in "

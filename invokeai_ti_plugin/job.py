@@ -76,6 +76,8 @@ def run_job(
     if on_start is not None:
         on_start(trainer)
     result = trainer.run()
+    if not result.main_process:
+        return JobResult(result, None, "registration is the main process's job")
     if not result.completed:
         return JobResult(result, None, "not registered: training stopped before the end")
     if not config.register_embedding:

@@ -7,9 +7,12 @@ from .plugins import InvokeAIPlugin, MenuEntry
 
 
 def _train_from_menu() -> int:
-    from .questions import run_questions
+    """The terminal form, for the root the launcher chose (it exports INVOKEAI_ROOT)."""
+    from .config import default_root
+    from .console import guarded
+    from .tui import run_form
 
-    return run_questions()
+    return guarded("textual inversion training", lambda: run_form(default_root()))
 
 
 def _register_new_embeddings(models: HostModels) -> None:

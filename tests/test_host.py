@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -264,29 +263,25 @@ def test_install_nodes_is_idempotent(capsys: pytest.CaptureFixture[str], host_ro
 
 
 @pytest.mark.slow
-def test_launcher_menu_trains_through_real_stdin(host_root: Path, object_images: Path) -> None:
-    launcher = str(Path(sys.executable).parent / "invokeai-launcher")
-    answers = "\n".join(["2", "1", "striped-ball", str(object_images), "object", "2", "9", "4", ""])
-    process = subprocess.Popen(
-        [launcher, f"--root={host_root}"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+def test_two_processes_train_together_and_register_once(
+    host_root: Path, object_images: Path, tmp_path: Path
+) -> None:
+    """torchrun on CPU: accelerate's gloo path, as `accelerate launch` uses on GPUs."""
+    out = tmp_path / "out"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    args = _train_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
+    run = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "-m", "invokeai_ti_plugin.cli", *args, "--seed=4"],
+        capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,  # so that anything it starts can be stopped with it
+        timeout=600,
     )
-    try:
-        menu, errors = process.communicate(answers, timeout=300)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, errors
-    assert "1. start the web UI" in menu
-    assert "2. textual inversion training" in menu
-    assert "3. open the developer console" in menu
-    assert "4. quit" in menu
-    assert "1. tiny-sd-1 (sd-1)" in menu and "moved-away (sd-1): its files are missing" in menu
-    assert "InvokeAI: registered <striped-ball> (sd-1)" in menu
-    assert "'9' is not on the menu." in menu
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "x 2 processes" in run.stderr
+    assert run.stdout.count("InvokeAI: registered <striped-ball> (sd-1)") == 1
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("random_state_*.pt")) == [
+        "random_state_0.pt",
+        "random_state_1.pt",
+    ]
     assert [record.name for record in host_records(host_root)] == ["striped-ball"]

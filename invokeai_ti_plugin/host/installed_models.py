@@ -71,3 +71,17 @@ def install_main_model(models: HostModels, folder: Path, name: str) -> Installed
     key = models.installer.register_path(folder, ModelRecordChanges(name=name))
     (model,) = [model for model in installed_main_models(models) if model.key == key]
     return model
+
+
+def installed_models_at(root: Path) -> list[InstalledModel]:
+    """The main models of the InvokeAI at `root`; no InvokeAI there is the user's error."""
+    from ..errors import UserInputError
+    from .app_config import is_host_root
+    from .model_db import open_host_models
+
+    if not is_host_root(root):
+        raise UserInputError(
+            f"no InvokeAI installation at {root}; set INVOKEAI_ROOT or pass --root", option="root"
+        )
+    with open_host_models(root) as models:
+        return installed_main_models(models)

@@ -97,6 +97,7 @@ class TrainingResult:
     checkpoint: Path
     model: ModelInfo
     trigger: str
+    main_process: bool = True  # False in the other processes of a multi-process run
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]
@@ -155,7 +156,11 @@ class Trainer:
             mixed_precision=mixed_precision,
             project_dir=str(out),
             log_with=_tracker(config),
+            # without a GPU, several processes (torchrun, accelerate launch) use gloo on CPU
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         )
+        if not accelerator.is_main_process:  # one voice in the log, not one per process
+            logging.getLogger("invokeai_ti_plugin").setLevel(logging.WARNING)
         with _accelerator_session(accelerator):
             run = _Run(self, accelerator, parts, new_words, images, resolution, seed)
             if snapshot is not None and resume_from is not None:
@@ -463,6 +468,7 @@ class _Run:
             checkpoint,
             self.parts.info,
             self.config.trigger,
+            self.accelerator.is_main_process,
         )
 
 
