@@ -210,16 +210,14 @@ class _Run:
 
         self.token_text = " ".join(placeholder_tokens(config.placeholder_token, config.num_vectors))
         templates = training_prompts(self.token_text, config.learnable_property)
+        captioned = [index for index, image in enumerate(images) if image.caption]
         captions = [
-            caption_prompt(image.caption, config.placeholder_token, self.token_text)
-            for image in images
-            if image.caption
+            caption_prompt(images[index].caption or "", config.placeholder_token, self.token_text)
+            for index in captioned
         ]
-        caption_rows, next_row = [], len(templates)
-        for image in images:
-            caption_rows.append(next_row if image.caption else -1)
-            next_row += 1 if image.caption else 0
-        self.caption_row = torch.tensor(caption_rows)
+        # each image's own prompt row after the templates, or -1: draw a template
+        self.caption_row = torch.full((len(images),), -1, dtype=torch.long)
+        self.caption_row[captioned] = torch.arange(len(captions)) + len(templates)
         self.time_ids = sdxl_time_ids(images, resolution).to(device)
 
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
