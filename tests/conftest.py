@@ -20,7 +20,7 @@ from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.tiny_models import build_tiny_pipeline, make_demo_images
 from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.latent_cache import LatentCache
-from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts, load_vae
 from invokeai_ti_plugin.training.new_tokens import (
     add_placeholder_tokens,
     install_placeholder_embedding,
@@ -142,7 +142,7 @@ def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) ->
         ids = add_placeholder_tokens(tokenizer, config.placeholder_token, len(start))
         install_placeholder_embedding(encoder, ids, start)
     images = load_training_images(config.data_dir, info.native_resolution, False)
-    cache = LatentCache.encode(parts.vae, torch.stack([i.pixels for i in images]), False)
+    cache = LatentCache(load_vae(info), torch.stack([i.pixels for i in images]), False)
     prompts = training_prompts(config.placeholder_token, config.learnable_property)
     conditioning = TextConditioning(parts.tokenizers, parts.text_encoders, prompts, "cpu")
     time_ids = sdxl_time_ids(images, info.native_resolution)

@@ -15,7 +15,7 @@ from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import load_embedding
 from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.latent_cache import LatentCache
-from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts, load_vae
 from invokeai_ti_plugin.training.new_tokens import (
     add_placeholder_tokens,
     initializer_vectors,
@@ -53,12 +53,11 @@ def test_only_the_new_vectors_change(make_config: MakeConfig, sd1_model: Path) -
     trained = trainer.model_parts
     original = load_model_parts(inspect_model(sd1_model))
 
-    for name in ("unet", "vae"):
-        before = getattr(original, name).state_dict()
-        after = getattr(trained, name).state_dict()
-        assert before.keys() == after.keys()
-        for key, value in before.items():
-            assert torch.equal(value, after[key].cpu()), f"{name}.{key} changed"
+    before = original.unet.state_dict()
+    after = trained.unet.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key].cpu()), f"unet.{key} changed"
 
     table_key = "text_model.embeddings.token_embedding.weight"
     before = original.text_encoders[0].state_dict()
@@ -187,21 +186,39 @@ def test_diffusers_loads_the_embedding_and_the_word_means_something_new(
     assert image.shape == (64, 64, 3)
 
 
-def test_cached_latents_match_encoding_every_step(sd1_model: Path, object_images: Path) -> None:
-    parts = load_model_parts(inspect_model(sd1_model))
+def test_cached_latents_give_the_loss_of_encoding_every_step(
+    sd1_model: Path, object_images: Path
+) -> None:
+    info = inspect_model(sd1_model)
+    parts = load_model_parts(info)
+    vae = load_vae(info)
     images = load_training_images(object_images, 64, False)
     pixels = torch.stack([image.pixels for image in images])
-    cache = LatentCache.encode(parts.vae, pixels, with_flips=True)
+    cache = LatentCache(load_vae(info), pixels, with_flips=True)
     index = torch.tensor([2, 0])
     flipped = torch.tensor([True, False])
     cached = cache.sample(index, flipped, torch.Generator().manual_seed(5))
+    assert not cache.complete  # only what the batch needed was encoded
 
     batch = torch.stack([torch.flip(pixels[2], dims=[-1]), pixels[0]])
     with torch.no_grad():
-        dist = parts.vae.encode(batch).latent_dist
+        dist = vae.encode(batch).latent_dist
     noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
-    direct = (dist.mean + dist.std * noise) * parts.vae.config.scaling_factor
-    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5)
+    direct = (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+    generator = torch.Generator().manual_seed(8)
+    noise = torch.randn(direct.shape, generator=generator)
+    timesteps = torch.tensor([100, 700])
+    hidden = torch.randn(2, 77, 768, generator=generator)
+    with torch.no_grad():
+        losses = [
+            denoising_loss(parts.unet, parts.noise_scheduler, latents, hidden, noise, timesteps)
+            for latents in (cached, direct)
+        ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+    cache.encode_all()
+    assert cache.complete and cache._vae is None  # the VAE is let go once all is encoded
 
 
 def test_optimizer_state_holds_only_the_new_vectors(make_config: MakeConfig) -> None:

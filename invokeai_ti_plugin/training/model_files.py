@@ -106,9 +106,9 @@ class ModelParts:
     """The frozen model pieces a textual-inversion run uses (SDXL has two tokenizers/encoders)."""
 
     info: ModelInfo
+    dtype: torch.dtype  # of the frozen weights
     tokenizers: list[CLIPTokenizer]
     text_encoders: list[CLIPTextModel]
-    vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
 
@@ -116,8 +116,8 @@ class ModelParts:
 def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> ModelParts:
     """Load the weights in `dtype`, frozen and in eval mode: only the new vectors will learn.
 
-    SDXL's VAE stays in float32: in float16 it overflows (the known SDXL VAE fault), and it
-    runs only once per image here anyway.
+    The VAE is not among them: it only encodes each image once and draws sample grids, so it
+    is loaded for that (`load_vae`) and dropped again.
     """
     folder = str(info.folder)
     suffixes = ["", "_2"] if info.is_sdxl else [""]
@@ -133,13 +133,11 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
             )
             for encoder_class, suffix in zip(encoder_classes, suffixes, strict=True)
         ]
-        vae_dtype = torch.float32 if info.is_sdxl else dtype
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=vae_dtype)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load it: {error}") from error
-    for module in (*text_encoders, vae, unet):
+    for module in (*text_encoders, unet):
         module.requires_grad_(False)
         module.eval()
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
@@ -147,4 +145,17 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
         # becomes the new word's; pool at the real end-of-text token instead.
         encoder.config.eos_token_id = tokenizer.eos_token_id
         encoder.text_model.eos_token_id = tokenizer.eos_token_id
-    return ModelParts(info, tokenizers, text_encoders, vae, unet, noise_scheduler)
+    return ModelParts(info, dtype, tokenizers, text_encoders, unet, noise_scheduler)
+
+
+def load_vae(info: ModelInfo, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The frozen VAE; SDXL's stays float32, as in float16 it overflows (a known SDXL fault)."""
+    vae_dtype = torch.float32 if info.is_sdxl else dtype
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            str(info.folder), subfolder="vae", torch_dtype=vae_dtype
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise _not_a_pipeline(info.folder, f"cannot load its VAE: {error}") from error
+    vae.requires_grad_(False)
+    return vae.eval()

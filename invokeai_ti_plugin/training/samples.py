@@ -18,7 +18,7 @@ from diffusers import (
 from PIL import Image
 
 from ..atomic_files import write_atomically
-from .model_files import ModelParts
+from .model_files import ModelParts, load_vae
 
 SAMPLE_DIRNAME = "samples"
 INFERENCE_STEPS = 20
@@ -38,9 +38,10 @@ def render_samples(
     seed: int,
     device: torch.device,
 ) -> list[Image.Image]:
-    """`count` images of `prompt`, seeds seed, seed+1, ...; the VAE visits the device briefly."""
+    """`count` images of `prompt`, seeds seed, seed+1, ...; the VAE is loaded just for this."""
     scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
-    common = {"vae": parts.vae, "unet": parts.unet, "scheduler": scheduler}
+    vae = load_vae(parts.info, parts.dtype).to(device)
+    common = {"vae": vae, "unet": parts.unet, "scheduler": scheduler}
     if parts.info.is_sdxl:
         pipeline = StableDiffusionXLPipeline(
             text_encoder=text_encoders[0],
@@ -59,18 +60,14 @@ def render_samples(
             **common,
         )
     pipeline.set_progress_bar_config(disable=True)
-    parts.vae.to(device)
-    try:
-        generators = [torch.Generator().manual_seed(seed + index) for index in range(count)]
-        images: list[Image.Image] = pipeline(
-            [prompt] * count,
-            num_inference_steps=INFERENCE_STEPS,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-        ).images
-    finally:
-        parts.vae.to("cpu")
+    generators = [torch.Generator().manual_seed(seed + index) for index in range(count)]
+    images: list[Image.Image] = pipeline(
+        [prompt] * count,
+        num_inference_steps=INFERENCE_STEPS,
+        height=resolution,
+        width=resolution,
+        generator=generators,
+    ).images
     return images
 
 

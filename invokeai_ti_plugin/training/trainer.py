@@ -52,7 +52,14 @@ from .examples import ExampleSampler
 from .images import TrainingImage, load_training_images
 from .latent_cache import LatentCache
 from .loss_plot import LOSS_PLOT_FILENAME, write_loss_plot
-from .model_files import ModelInfo, ModelParts, inspect_model, load_model_parts, require_trainable
+from .model_files import (
+    ModelInfo,
+    ModelParts,
+    inspect_model,
+    load_model_parts,
+    load_vae,
+    require_trainable,
+)
 from .new_tokens import (
     PlaceholderEmbedding,
     add_placeholder_tokens,
@@ -196,12 +203,12 @@ class _Run:
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
 
-        parts.vae.to(device)
-        pixels = torch.stack([image.pixels for image in images])
-        logger.info("encoding %d images once (with flips) at %d px", len(images), resolution)
-        self.latents = LatentCache.encode(parts.vae, pixels, with_flips=True)
-        parts.vae.to("cpu")  # needed again only for sample grids: free the device's memory
-
+        logger.info("%d images at %d px, each encoded once (and mirrored)", len(images), resolution)
+        self.latents = LatentCache(
+            load_vae(parts.info, parts.dtype).to(device),
+            torch.stack([image.pixels for image in images]),
+            with_flips=True,
+        )
         parts.unet.to(device)
         self.placeholders: list[PlaceholderEmbedding] = []
         for encoder, (token_ids, start) in zip(parts.text_encoders, new_words, strict=True):
