@@ -354,16 +354,22 @@ def _per_trigger_folder(info: ValidationInfo, output: bool) -> Path | None:
     return trigger_folders(Path(root), trigger_of(token))[int(output)]
 
 
+def field_problems(error: ValidationError) -> dict[str, str]:
+    """Each invalid option's first message, by option name ("" for the options as a whole)."""
+    problems: dict[str, str] = {}
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        text = "required" if item["type"] == "missing" else item["msg"]
+        problems.setdefault(field, text.removeprefix("Value error, "))
+    return problems
+
+
 def build_config(options: dict[str, Any]) -> TrainingConfig:
     """Validate options from any front end; every problem in one line, by option name."""
     try:
         return TrainingConfig(**options)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            option = "--" + ".".join(str(p) for p in item["loc"]) if item["loc"] else "options"
-            if item["type"] == "missing":
-                problems.append(f"{option} is required")
-            else:
-                problems.append(f"{option}: {item['msg'].removeprefix('Value error, ')}")
-        raise UserInputError("; ".join(problems)) from error
+        problems = field_problems(error).items()
+        raise UserInputError(
+            "; ".join(f"--{field}: {text}" if field else text for field, text in problems)
+        ) from error

@@ -11,10 +11,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import TrainingConfig
+from ..config import TrainingConfig, field_problems
 from ..errors import UserInputError
 
-OTHER = ""  # the key of a problem that belongs to no single field
+OTHER = ""  # the key of a problem that belongs to no single field (as in `field_problems`)
 
 
 class FormProblems(Exception):
@@ -36,12 +36,7 @@ def validated_config(options: dict[str, Any]) -> TrainingConfig:
     try:
         return TrainingConfig(**options)
     except ValidationError as error:
-        problems: dict[str, str] = {}
-        for item in error.errors():
-            field = str(item["loc"][0]) if item["loc"] else OTHER
-            text = "required" if item["type"] == "missing" else item["msg"]
-            problems.setdefault(field, text.removeprefix("Value error, "))
-        raise FormProblems(problems) from error
+        raise FormProblems(field_problems(error)) from error
 
 
 def check_vocabulary(config: TrainingConfig, model_folder: Path) -> None:
