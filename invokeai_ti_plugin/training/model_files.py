@@ -144,8 +144,16 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
         # Old CLIP configs say eos_token_id=2 and then pool at the highest token id, which
         # becomes the new word's; pool at the real end-of-text token instead.
         encoder.config.eos_token_id = tokenizer.eos_token_id
-        encoder.text_model.eos_token_id = tokenizer.eos_token_id
+        text_model(encoder).eos_token_id = tokenizer.eos_token_id
     return ModelParts(info, dtype, tokenizers, text_encoders, unet, noise_scheduler)
+
+
+def text_model(encoder: CLIPTextModel) -> torch.nn.Module:
+    """The module that pools at `eos_token_id`: the encoder's `text_model` in transformers 5.5,
+    the encoder itself by 5.17, whose CLIPTextModel has no such wrapper any more
+    (CLIPTextModelWithProjection still has one)."""
+    inner: torch.nn.Module = getattr(encoder, "text_model", encoder)
+    return inner
 
 
 def load_vae(info: ModelInfo, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
