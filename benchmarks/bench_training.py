@@ -13,6 +13,7 @@ the workers, and prints the table, the ratios ours/classic and whether each targ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,12 +25,16 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psutil  # accelerate's dependency: the worker's own start time
+
+if TYPE_CHECKING:
+    import torch
 
 RESULT_MARKER = "BENCH_RESULT "
 PLACEHOLDER = "<bench-ball>"
@@ -145,6 +150,10 @@ class WorkerResult:
     step_seconds: list[float] = field(default_factory=list)
     first_loss: float = 0.0
     last_loss: float = 0.0
+    steady_peak_mib: float = 0.0  # the peak over the measured updates alone (reset after warm-up)
+    peak_reserved_mib: float = 0.0  # CUDA: the most the caching allocator held; 0 on CPU
+    gradient_checkpointing: bool = False
+    device_name: str = ""
 
     @property
     def steps_per_s(self) -> float:
@@ -156,7 +165,7 @@ class WorkerResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _config_key(*parts: object) -> str:
+def config_key(*parts: object) -> str:
     """A short hash of what a cached model was built from: a changed recipe rebuilds it."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -170,36 +179,58 @@ def tiny_model_dir(workdir: Path) -> Path:
 
 
 def sd15_model_dir(workdir: Path) -> Path:
-    return workdir / f"sd15-random-{_config_key(SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULER)}"
+    return workdir / f"sd15-random-{config_key(SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULER)}"
 
 
-def build_model(model: ModelName, folder: Path) -> None:
-    """Write the pipeline folder unless it is already there (built aside, then renamed)."""
-    if (folder / "model_index.json").is_file():
-        return
-    if model == "tiny":
-        from invokeai_ti_plugin.tiny_models import build_tiny_pipeline
-
-        build_tiny_pipeline(folder, "sd-1")
-        return
-    import diffusers
+@contextmanager
+def building_on(device: str, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Create modules with their parameters on `device`, in `dtype` if given: a GPU initialises
+    random weights in no time, and a half-precision model is built without a float32 copy twice
+    its size first. Import the classes before: diffusers imports its modules on first use, and
+    some make tensors as they load, which must not land on the GPU."""
     import torch
-    import transformers
+
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_sd15_pipeline(device: str = "cpu", unet_dtype: torch.dtype | None = None) -> Any:
+    """The SD 1.5 architecture with random weights on `device`; the UNet in `unet_dtype`."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from invokeai_ti_plugin.tiny_models import clip_tokenizer_dir
 
-    started = time.perf_counter()
-    torch.manual_seed(0)
-    pipeline = diffusers.StableDiffusionPipeline(
-        vae=diffusers.AutoencoderKL(**SD15_VAE),
-        text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT)),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir()),
-        unet=diffusers.UNet2DConditionModel(**SD15_UNET),
-        scheduler=diffusers.PNDMScheduler(**SD15_SCHEDULER),
+    with building_on(device, unet_dtype):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    with building_on(device):
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(clip_tokenizer_dir()),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def save_pipeline(pipeline: Any, folder: Path, started: float) -> None:
+    """Write the pipeline folder aside, then rename it: a crash never leaves half a model."""
     temp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
     try:
         pipeline.save_pretrained(temp, safe_serialization=True)
@@ -210,7 +241,24 @@ def build_model(model: ModelName, folder: Path) -> None:
     print(
         f"built {folder} ({size:.2f} GiB) in {time.perf_counter() - started:.0f} s",
         file=sys.stderr,
+        flush=True,
     )
+
+
+def build_model(model: ModelName, folder: Path) -> None:
+    """Write the pipeline folder unless it is already there."""
+    if (folder / "model_index.json").is_file():
+        return
+    if model == "tiny":
+        from invokeai_ti_plugin.tiny_models import build_tiny_pipeline
+
+        build_tiny_pipeline(folder, "sd-1")
+        return
+    import torch
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    save_pipeline(random_sd15_pipeline(), folder, started)
 
 
 def images_dir(workdir: Path) -> Path:
@@ -280,15 +328,21 @@ class StepClock:
     measured steps is kept, to flag a disturbed run.
     """
 
-    def __init__(self, started_at: float, cuda: bool, warmup: int) -> None:
+    def __init__(
+        self, started_at: float, cuda: bool, warmup: int, time_limit: float | None = None
+    ) -> None:
         self.started_at = started_at  # wall clock of the process's start
         self.cuda = cuda
         self.warmup = warmup
+        self.time_limit = time_limit  # seconds from the start after which no update is begun
         self.times: list[float] = []
         self.losses: list[float] = []
         self.first_step_s = 0.0
         self.peak_at_first = 0.0
         self.peak = 0.0
+        self.peak_before_measuring = 0.0
+        self.steady_peak = 0.0
+        self.reserved_peak = 0.0
         self.cpu_at_start = _busy_cpu_seconds()
         self.cpu_at_warmup = (0.0, 0.0)
         self.other_cores = 0.0
@@ -307,29 +361,56 @@ class StepClock:
             return torch.cuda.max_memory_allocated() / 2**20
         return _peak_rss_mib()
 
-    def on_step(self, step: int, loss: float) -> None:
+    def reserved_mib(self) -> float:
+        if not self.cuda:
+            return 0.0
+        import torch
+
+        return torch.cuda.max_memory_reserved() / 2**20
+
+    def on_step(self, step: int, loss: float) -> bool:
+        """Record a finished update; True when the time limit says to stop after it."""
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         self.losses.append(loss)
+        # read at every update, so the end-of-run saving is left out
+        peak = self.peak_mib()
+        self.reserved_peak = max(self.reserved_peak, self.reserved_mib())
+        if step <= self.warmup:
+            self.peak = peak
+        else:
+            self.steady_peak = peak
+            self.peak = max(self.peak_before_measuring, peak)
         if step == 1:
             self.first_step_s = time.time() - self.started_at
-            self.peak_at_first = self.peak_mib()
-        self.peak = self.peak_mib()  # at the last update: the end-of-run saving is left out
+            self.peak_at_first = peak
         busy, own = _busy_cpu_seconds()
         if step == 1:
             others = (busy - self.cpu_at_start[0]) - (own - self.cpu_at_start[1])
             self.other_cores_to_first = max(0.0, others) / max(self.first_step_s, 1e-9)
         if step == self.warmup:
             self.cpu_at_warmup = (busy, own)
+            self.peak_before_measuring = peak
+            _reset_peak_memory(self.cuda)
         elif step > self.warmup:
             wall = self.times[-1] - self.times[self.warmup - 1]
             others = (busy - self.cpu_at_warmup[0]) - (own - self.cpu_at_warmup[1])
             self.other_cores = max(0.0, others) / wall
+        return self._out_of_time(step)
 
-    def result(self, variant: str, model: str, device: str) -> WorkerResult:
+    def _out_of_time(self, step: int) -> bool:
+        """Past warm-up, stop when one more update like the last would end after the limit."""
+        if self.time_limit is None or step <= self.warmup:
+            return False
+        last_step = self.times[-1] - self.times[-2]
+        return time.time() - self.started_at + last_step > self.time_limit
+
+    def result(
+        self, variant: str, model: str, device: str, gradient_checkpointing: bool
+    ) -> WorkerResult:
         # times[k] ends update k + 1, so update k + 1 took times[k] - times[k - 1].
         measured = [b - a for a, b in itertools.pairwise(self.times[self.warmup - 1 :])]
         if not measured:
@@ -350,7 +431,29 @@ class StepClock:
             step_seconds=measured,
             first_loss=self.losses[0],
             last_loss=self.losses[-1],
+            steady_peak_mib=self.steady_peak,
+            peak_reserved_mib=self.reserved_peak,
+            gradient_checkpointing=gradient_checkpointing,
+            device_name=_device_name(self.cuda),
         )
+
+
+def _reset_peak_memory(cuda: bool) -> None:
+    """Start a new peak, so that the measured updates' own peak is known apart from warm-up's
+    (one-off latent encoding). On Linux, writing 5 to /proc/self/clear_refs resets VmHWM."""
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # elsewhere the steady peak stays the whole run's
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _device_name(cuda: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
 
 
 def _torch_threads() -> int:
@@ -367,7 +470,8 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> N
     clock.mark_imports_done()
 
     def progress(update: ProgressUpdate) -> None:
-        clock.on_step(update.step, update.loss)
+        if clock.on_step(update.step, update.loss):
+            trainer.request_stop()  # the time limit: end after this update, as Ctrl-C does
 
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as out:
         config = TrainingConfig(
@@ -386,13 +490,15 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> N
             lr_scheduler="constant",
             mixed_precision=args.mixed_precision,
             enable_xformers_memory_efficient_attention=False,
-            gradient_checkpointing=False,
+            gradient_checkpointing=args.gradient_checkpointing,
             seed=SEED,
             checkpointing_steps=total_steps + 1,
+            num_validation_images=0,  # no sample grid at the end: it is not training time
             only_save_embeds=True,
             overwrite=True,
         )
-        Trainer(config, on_progress=progress).run()
+        trainer = Trainer(config, on_progress=progress)
+        trainer.run()
 
 
 def _run_classic(args: argparse.Namespace, clock: StepClock, total_steps: int) -> None:
@@ -419,6 +525,7 @@ def _run_classic(args: argparse.Namespace, clock: StepClock, total_steps: int) -
         adam_beta2=defaults["adam_beta2"].default,
         adam_weight_decay=defaults["adam_weight_decay"].default,
         adam_epsilon=defaults["adam_epsilon"].default,
+        gradient_checkpointing=args.gradient_checkpointing,
         cpu=args.device == "cpu",
     )
     train_classic(settings, clock.on_step)
@@ -431,13 +538,15 @@ def run_worker(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    clock = StepClock(started_at, cuda=args.device == "cuda", warmup=args.warmup)
+    clock = StepClock(
+        started_at, cuda=args.device == "cuda", warmup=args.warmup, time_limit=args.time_limit
+    )
     total_steps = args.warmup + args.steps
     runner: Callable[[argparse.Namespace, StepClock, int], None] = (
         _run_ours if args.worker == "ours" else _run_classic
     )
     runner(args, clock, total_steps)
-    result = clock.result(args.worker, args.model, args.device)
+    result = clock.result(args.worker, args.model, args.device, args.gradient_checkpointing)
     print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
 
 
@@ -446,53 +555,90 @@ def run_worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def spawn_worker(
-    variant: Variant,
-    model: ModelName,
-    model_dir: Path,
-    images: Path,
-    resolution: int,
-    steps: int,
-    args: argparse.Namespace,
-) -> WorkerResult:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        variant,
-        "--model",
-        model,
-        "--model-dir",
-        str(model_dir),
-        "--images-dir",
-        str(images),
-        "--resolution",
-        str(resolution),
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(args.warmup),
-        "--batch",
-        str(args.batch),
-        "--device",
-        args.device,
-        "--mixed_precision",
-        args.mixed_precision,
-    ]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+@dataclass(frozen=True)
+class WorkerJob:
+    """One variant's run, as the parent asks a fresh worker process for it."""
+
+    variant: Variant
+    model: str  # a label for the report
+    model_dir: Path
+    images: Path
+    resolution: int
+    steps: int
+    warmup: int
+    batch: int
+    device: str
+    mixed_precision: str
+    threads: int | None = None
+    gradient_checkpointing: bool = False
+    time_limit: float | None = None  # seconds from the worker's start: then it measures no more
+
+    @property
+    def title(self) -> str:
+        checkpointing = " +checkpointing" if self.gradient_checkpointing else ""
+        return f"[{self.model}] {self.variant}{checkpointing}, batch {self.batch}"
+
+    def command(self) -> list[str]:
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            self.variant,
+            "--model",
+            self.model,
+            "--model-dir",
+            str(self.model_dir),
+            "--images-dir",
+            str(self.images),
+            "--resolution",
+            str(self.resolution),
+            "--steps",
+            str(self.steps),
+            "--warmup",
+            str(self.warmup),
+            "--batch",
+            str(self.batch),
+            "--device",
+            self.device,
+            "--mixed_precision",
+            self.mixed_precision,
+        ]
+        if self.threads:
+            command += ["--threads", str(self.threads)]
+        if self.gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        if self.time_limit is not None:
+            command += ["--time-limit", str(self.time_limit)]
+        return command
+
+
+class WorkerFailed(RuntimeError):
+    """A worker crashed, printed no result, or ran past its timeout."""
+
+
+def spawn_worker(job: WorkerJob, timeout: float | None = None) -> WorkerResult:
+    """Run `job` in a fresh process (killed after `timeout` seconds) and read its result."""
     env = dict(os.environ)
-    if args.device == "cpu":
+    if job.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer uses whatever device accelerate finds
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(f"[{model}] running {variant} ...", file=sys.stderr, flush=True)
-    completed = subprocess.run(
-        command, env=env, stdout=subprocess.PIPE, text=True, check=False, cwd=Path.cwd()
-    )
+    print(f"{job.title}: running ...", file=sys.stderr, flush=True)
+    try:
+        completed = subprocess.run(
+            job.command(),
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=False,
+            cwd=Path.cwd(),
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise WorkerFailed(f"{job.title}: timed out after {timeout:.0f} s") from error
     lines = [line for line in completed.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     if completed.returncode != 0 or not lines:
         sys.stderr.write(completed.stdout)
-        raise SystemExit(f"the {variant} worker for {model} failed (exit {completed.returncode})")
+        raise WorkerFailed(f"{job.title}: the worker failed (exit {completed.returncode})")
     data = json.loads(lines[-1].removeprefix(RESULT_MARKER))
     return WorkerResult(**data)
 
@@ -543,7 +689,7 @@ def print_report(
     target = TARGETS[model]
     device = results[0].device
     memory_kind = "peak CUDA alloc" if device == "cuda" else "peak RSS"
-    precision = "fp16" if args.mixed_precision == "fp16" else "fp32"
+    precision = "fp32" if args.mixed_precision == "no" else args.mixed_precision
     print(f"\n== {model}: {resolution} px, batch {args.batch}, {device}, {precision} frozen parts")
     print(f"   mean of {steps} steps after {args.warmup} warm-up; each variant in its own process")
     print(
@@ -587,7 +733,7 @@ def print_report(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    parser.add_argument("--model", default="both", help="tiny, sd15 or both")
     parser.add_argument(
         "--resolution", type=int, default=None, help="default: 64 for tiny, 256 for sd15"
     )
@@ -605,9 +751,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: auto")
     parser.add_argument(
         "--mixed_precision",
-        choices=["no", "fp16"],
+        choices=["no", "fp16", "bf16"],
         default=None,
-        help="frozen parts in fp16 in both loops (GPU only); default: fp16 on cuda, no on cpu",
+        help="frozen parts in 16 bits in both loops (fp16: GPU only); default: fp16 on cuda, no "
+        "on cpu",
     )
     parser.add_argument(
         "--workdir",
@@ -636,14 +783,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--time-limit", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker is None and args.model not in (*MODELS, "both"):
+        parser.error(f"--model must be one of {', '.join(MODELS)} or both")
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.mixed_precision is None:
         args.mixed_precision = "fp16" if args.device == "cuda" else "no"
-    if args.device == "cpu" and args.mixed_precision != "no":
+    if args.device == "cpu" and args.mixed_precision == "fp16":
         parser.error("--mixed_precision fp16 needs --device cuda")
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step carries one-off costs)")
@@ -684,7 +835,23 @@ def main(argv: list[str] | None = None) -> None:
                 warm_file_cache(model_dir)
                 if args.device == "cpu" and args.wait_idle > 0:
                     wait_until_idle(args.wait_idle)
-                result = spawn_worker(variant, model, model_dir, images, resolution, steps, args)
+                job = WorkerJob(
+                    variant,
+                    model,
+                    model_dir,
+                    images,
+                    resolution,
+                    steps,
+                    args.warmup,
+                    args.batch,
+                    args.device,
+                    args.mixed_precision,
+                    args.threads,
+                )
+                try:
+                    result = spawn_worker(job)
+                except WorkerFailed as error:
+                    raise SystemExit(str(error)) from error
                 if not (args.device == "cpu" and _disturbed(result)) or attempt == args.retries:
                     break
                 print(
