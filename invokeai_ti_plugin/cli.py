@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a textual-inversion embedding: teach a Stable Diffusion model a new "
         "word from 3-20 pictures. Other commands: `invokeai-ti demo` (a tiny built-in run), "
         "`invokeai-ti import FILE` (bring in an embedding made elsewhere), "
+        "`invokeai-ti export NAME --to DIR` (write it as DIR/NAME.safetensors for A1111 and "
+        "ComfyUI), "
         "`invokeai-ti install-nodes` (the start-up node pack).",
     )
     add_config_options(parser)
@@ -108,12 +110,16 @@ def list_models(root: Path) -> int:
 def import_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} import",
-        description="Bring in embeddings made elsewhere (concepts-library .bin folders, A1111 "
-        ".pt, kohya / invoke-training .safetensors): check, store under ROOT/embeddings/<name>/ "
-        "in a layout InvokeAI reads correctly, and register them. Pickles are loaded without "
-        "running code.",
+        description="Bring in embeddings made elsewhere: .safetensors / .pt / .bin / .ckpt files "
+        "of InvokeAI, A1111, ComfyUI, kohya, invoke-training and diffusers (its SDXL pair "
+        "learned_embeds + learned_embeds_2 as one embedding), concepts-library folders, A1111 "
+        ".png embedding images, and the embeddings bundled in a LoRA. Each is checked, stored "
+        "under ROOT/embeddings/<name>/<base>/ in a layout InvokeAI reads correctly, and "
+        "registered. Nothing in the files is executed.",
     )
-    parser.add_argument("source", type=Path, help="an embedding file, or a folder of them")
+    parser.add_argument(
+        "sources", type=Path, nargs="+", metavar="source", help="embedding files or folders"
+    )
     parser.add_argument("--name", help="the prompt name (<name>); default: the file's token")
     parser.add_argument("--model", help="check the embedding fits this model (name, key, folder)")
     parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
@@ -126,13 +132,49 @@ def import_main(argv: Sequence[str]) -> int:
 
         root = args.root or default_root()
         folder = resolve_model_folder(args.model, root) if args.model else None
-        for registered in import_embeddings(root, args.source, args.name, folder):
+        report = import_embeddings(root, args.sources, args.name, folder)
+        for what in report.skipped:
+            print(f"skipped {what}")
+        for registered, origin in report.registered:
             print(
-                f"InvokeAI: registered <{registered.name}> ({registered.base}) from {args.source}"
+                f"InvokeAI: {registered.verb} <{registered.name}> ({registered.base}) from {origin}"
             )
         return 0
 
     return guarded(f"{PROG} import", run)
+
+
+def export_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} export",
+        description="Write an embedding registered with InvokeAI as DIR/NAME.safetensors, the "
+        "file A1111 and ComfyUI know it by (emb_params for SD 1.x/2.x, clip_l + clip_g for "
+        "SDXL; diffusers' load_textual_inversion reads it too).",
+    )
+    parser.add_argument("name", help="the embedding's name, as in <name>")
+    parser.add_argument("--base", help="sd-1, sd-2 or sdxl, where NAME exists for several")
+    parser.add_argument(
+        "--to",
+        dest="folder",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the folder to write NAME.safetensors into (A1111's embeddings/, ComfyUI's "
+        "models/embeddings/)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR/NAME.safetensors")
+    parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from .host.exporting import export_embedding
+
+        root = args.root or default_root()
+        exported = export_embedding(root, args.name, args.base, args.folder, args.overwrite)
+        print(f"Exported <{exported.name}> ({exported.base}) to {exported.path}")
+        return 0
+
+    return guarded(f"{PROG} export", run)
 
 
 def install_nodes_main(argv: Sequence[str]) -> int:
@@ -153,27 +195,35 @@ def install_nodes_main(argv: Sequence[str]) -> int:
 
 def train_main(argv: Sequence[str]) -> int:
     options = vars(build_parser().parse_args(argv))
-    setup_logging()
 
     def run() -> int:
         if options.pop("list_models"):
+            setup_logging()
             return list_models(options.get("root") or default_root())
         if options.pop("gui"):
             from .tui import run_form
 
             return run_form(options.pop("root", None) or default_root(), options)
-        return train_on_console(build_config(options))
+        config = build_config(options)  # bad options are reported before the libraries load
+        setup_logging()
+        return train_on_console(config)
 
     return guarded(PROG, run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every command. Heavy libraries load inside, so a Ctrl-C even while they load ends in one
+    line ("aborted", status 130), never a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
+    return guarded(PROG, lambda: _command(args))
+
+
+def _command(args: list[str]) -> int:
     if args[:1] == ["demo"]:
         from .demo import main as demo_main
 
         return demo_main(args[1:])
-    commands = {"import": import_main, "install-nodes": install_nodes_main}
+    commands = {"import": import_main, "export": export_main, "install-nodes": install_nodes_main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     return train_main(args)

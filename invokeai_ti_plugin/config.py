@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -59,10 +58,33 @@ def default_batch_size() -> int:
 
 def default_mixed_precision() -> MixedPrecision:
     """fp16 where a CUDA GPU can run it, full precision elsewhere (CPUs have no fast fp16)."""
+    import torch  # here, not above: the command line starts (and obeys Ctrl-C) before torch loads
+
     return "fp16" if torch.cuda.is_available() else "no"
 
 
 PROMPT_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what InvokeAI's `<name>` prompt syntax can reach
+MAX_NAME_LENGTH = 100  # a folder name on every file system, with room to spare
+MAX_VECTORS = 75  # a CLIP prompt holds 77 tokens: start, 75, end
+# the latent is 1/8 of the image and the UNet halves it three times: 64 px reaches 1 latent px
+MIN_RESOLUTION = 64
+MAX_RESOLUTION = 2048  # twice SDXL's native 1024; larger squares exceed any GPU's memory
+SEED_MAX = 2**32 - 1  # InvokeAI's own seed range (invokeai.app.util.misc.SEED_MAX)
+MAX_BATCH_SIZE = 256  # far beyond what one GPU holds; gradient accumulation goes further
+MAX_VALIDATION_IMAGES = 16  # the sample grid is rendered in one batch
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an embedding, or None. Names become folder names
+    (ROOT/embeddings/<name>/...), so one that climbs ('..') or hides ('.x') is refused like any
+    other that InvokeAI's `<name>` prompt syntax cannot reach."""
+    if not PROMPT_NAME.fullmatch(name):
+        return "may use only letters, digits, '.', '_' and '-', so that InvokeAI prompts reach it"
+    if name.startswith("."):
+        return "must not start with '.': as a folder name it would climb ('..') or be hidden"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is longer than {MAX_NAME_LENGTH} characters"
+    return None
 
 
 def trigger_of(placeholder_token: str) -> str:
@@ -73,7 +95,8 @@ def trigger_of(placeholder_token: str) -> str:
 class TrainingConfig(BaseModel):
     """Everything one textual-inversion training run needs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    # nan and inf are refused for every float option: no optimizer setting survives them
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
     model: str = Field(
         description="The base model: the name or key of a diffusers model installed in InvokeAI "
@@ -122,8 +145,9 @@ class TrainingConfig(BaseModel):
     )
     resolution: int | None = Field(
         default=None,
-        description="Images are scaled to this square size in pixels (a multiple of 8). "
-        "Default: the model's native size (512 for SD 1.x, 768 for SD 2.x 768-px models).",
+        description="Images are scaled to this square size in pixels (a multiple of 8, "
+        "64 to 2048). Default: the model's native size (512 for SD 1.x, 768 for SD 2.x 768-px "
+        "models).",
     )
     center_crop: bool = Field(
         default=False,
@@ -227,8 +251,8 @@ class TrainingConfig(BaseModel):
     )
     register_embedding: bool = Field(
         default=True,
-        description="When training ends, copy the embedding to ROOT/embeddings/<trigger>/ and "
-        "register it with InvokeAI, so <trigger> works in its prompts at once.",
+        description="When training ends, copy the embedding to ROOT/embeddings/<trigger>/<base>/ "
+        "and register it with InvokeAI, so <trigger> works in its prompts at once.",
     )
     overwrite: bool = Field(
         default=False,
@@ -243,11 +267,9 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 f"{value!r} must be one word without spaces, for example '<psychedelic>'"
             )
-        if not PROMPT_NAME.fullmatch(trigger_of(value)):
-            raise ValueError(
-                f"{value!r}: the trigger inside the angle brackets may use only letters, digits, "
-                "'.', '_' and '-', so that InvokeAI prompts can call it"
-            )
+        problem = name_problem(trigger_of(value))
+        if problem:
+            raise ValueError(f"{value!r}: the trigger inside the angle brackets {problem}")
         return value.strip()
 
     @field_validator("initializer_token")
@@ -260,8 +282,11 @@ class TrainingConfig(BaseModel):
     @field_validator("resolution")
     @classmethod
     def _resolution_multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and (value <= 0 or value % 8):
-            raise ValueError(f"must be a positive multiple of 8, such as 512 (got {value})")
+        if value is not None and (value % 8 or not MIN_RESOLUTION <= value <= MAX_RESOLUTION):
+            raise ValueError(
+                f"must be a positive multiple of 8 from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
+                f"such as 512 (got {value})"
+            )
         return value
 
     @field_validator(
@@ -277,11 +302,71 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"must be a positive whole number (got {value})")
         return value
 
+    @field_validator("num_vectors")
+    @classmethod
+    def _vectors_fit_a_prompt(cls, value: int) -> int:
+        if value > MAX_VECTORS:
+            raise ValueError(
+                f"must be at most {MAX_VECTORS}, the tokens a prompt holds (got {value})"
+            )
+        return value
+
     @field_validator("learning_rate")
     @classmethod
     def _positive_float(cls, value: float) -> float:
         if not value > 0:
             raise ValueError(f"must be a positive number such as 5e-4 (got {value})")
+        return value
+
+    @field_validator("adam_beta1", "adam_beta2")
+    @classmethod
+    def _decay_rate(cls, value: float) -> float:
+        if not 0 <= value < 1:
+            raise ValueError(f"must be at least 0 and below 1, such as 0.9 (got {value})")
+        return value
+
+    @field_validator("adam_epsilon")
+    @classmethod
+    def _positive_epsilon(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"must be a small positive number such as 1e-8 (got {value})")
+        return value
+
+    @field_validator("adam_weight_decay")
+    @classmethod
+    def _non_negative_decay(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(f"must be zero or more, such as 1e-2 (got {value})")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= SEED_MAX:
+            raise ValueError(
+                f"must be a whole number from 0 to {SEED_MAX}, InvokeAI's seed range "
+                f"(got {value})"
+            )
+        return value
+
+    @field_validator("train_batch_size")
+    @classmethod
+    def _batch_fits_a_device(cls, value: int) -> int:
+        if value > MAX_BATCH_SIZE:
+            raise ValueError(
+                f"must be at most {MAX_BATCH_SIZE} (got {value}); for a larger effective batch "
+                "raise --gradient_accumulation_steps"
+            )
+        return value
+
+    @field_validator("num_validation_images")
+    @classmethod
+    def _grid_fits_a_device(cls, value: int) -> int:
+        if value > MAX_VALIDATION_IMAGES:
+            raise ValueError(
+                f"must be at most {MAX_VALIDATION_IMAGES} (got {value}): a grid is drawn in "
+                "one batch"
+            )
         return value
 
     @field_validator("lr_warmup_steps", "num_validation_images", "validation_steps")
@@ -316,7 +401,12 @@ class TrainingConfig(BaseModel):
     def _default_output_dir(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         """Default to ROOT/text-inversion-output/<trigger>, as the manual describes."""
         folder = value or _per_trigger_folder(info, output=True)
-        return folder.expanduser() if folder else None
+        if folder is None:
+            return None
+        root = info.data.get("root")
+        if root is not None:
+            _refuse_inside_embeddings(folder.expanduser(), Path(root).expanduser())
+        return folder.expanduser()
 
     @property
     def trigger(self) -> str:
@@ -337,6 +427,12 @@ class TrainingConfig(BaseModel):
 
 DATA_DIRNAME = "text-inversion-training-data"
 OUTPUT_DIRNAME = "text-inversion-output"
+EMBEDDINGS_DIRNAME = "embeddings"
+
+
+def embeddings_folder(root: Path) -> Path:
+    """ROOT/embeddings/, where InvokeAI users keep embeddings and where ours are stored."""
+    return root / EMBEDDINGS_DIRNAME
 
 
 def trigger_folders(root: Path, trigger: str) -> tuple[Path, Path]:
@@ -352,6 +448,18 @@ def _per_trigger_folder(info: ValidationInfo, output: bool) -> Path | None:
     if token is None or root is None:
         return None
     return trigger_folders(Path(root), trigger_of(token))[int(output)]
+
+
+def _refuse_inside_embeddings(folder: Path, root: Path) -> None:
+    """InvokeAI registers every embedding file under ROOT/embeddings/ when it starts, so a
+    run's checkpoints there would become prompt words of their own."""
+    embeddings = embeddings_folder(root).resolve()
+    if folder.resolve().is_relative_to(embeddings):
+        raise ValueError(
+            f"{folder} is inside {embeddings}, where InvokeAI registers every embedding file it "
+            "finds when it starts (a run's checkpoints too); choose a folder outside it, such as "
+            "the default ROOT/text-inversion-output/<trigger>"
+        )
 
 
 def field_problems(error: ValidationError) -> dict[str, str]:

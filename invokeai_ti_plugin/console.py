@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
 from .errors import UserInputError
-from .training.trainer import ProgressUpdate
+
+if TYPE_CHECKING:  # the trainer imports torch: loaded only once a command needs it
+    from .training.trainer import ProgressUpdate
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130
@@ -88,10 +90,10 @@ def train_on_console(config: TrainingConfig) -> int:
         f"{result.embedding_path}"
     )
     if outcome.registered:
-        verb = "updated" if outcome.registered.replaced else "registered"
+        registered = outcome.registered
         print(
-            f"InvokeAI: {verb} <{outcome.registered.name}> ({outcome.registered.base}); use it "
-            f"in prompts as <{outcome.registered.name}>"
+            f"InvokeAI: {registered.verb} <{registered.name}> ({registered.base}); use it "
+            f"in prompts as <{registered.name}>"
         )
     else:
         print(f"InvokeAI: {outcome.note}")

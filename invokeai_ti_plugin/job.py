@@ -93,7 +93,7 @@ def run_job(
 
 
 def register_trained_embedding(root: Path, result: TrainingResult) -> RegisteredEmbedding:
-    """Copy the embedding into ROOT/embeddings/<trigger>/ and register it with InvokeAI."""
+    """Copy the embedding into ROOT/embeddings/<trigger>/<base>/, register it with InvokeAI."""
     vectors = read_embedding_vectors(result.embedding_path)
     check_fits_model(result.trigger, vectors, result.model.token_dim)
     facts = json.loads(result.summary_path.read_text())

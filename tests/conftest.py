@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from PIL import Image
 
 import invokeai_ti_plugin.tiny_models as tiny_models
+from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.tiny_models import build_tiny_pipeline, make_demo_images
 from invokeai_ti_plugin.training.images import load_training_images
@@ -161,3 +165,63 @@ def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) ->
                 )
             )
     return float(torch.stack(losses).mean())
+
+
+COMMAND = str(Path(sys.executable).parent / "invokeai-ti")
+
+
+def cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """`invokeai-ti` options for a tiny, quick run teaching <striped-ball>."""
+    return [
+        f"--model={model}",
+        "--placeholder_token=<striped-ball>",
+        "--initializer_token=ball",
+        f"--train_data_dir={data}",
+        f"--output_dir={out}",
+        "--max_train_steps=2",
+        "--train_batch_size=2",
+        "--mixed_precision=no",
+        "--no-enable_xformers_memory_efficient_attention",
+        "--num_validation_images=0",
+        *extra,
+    ]
+
+
+def start_training(args: list[str], out: Path) -> subprocess.Popen[str]:
+    """`invokeai-ti ARGS` in a subprocess, returned once it has made two updates (so it holds
+    its output folder and has something to save)."""
+    process = subprocess.Popen(
+        [COMMAND, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    history = out / "logs" / "history.jsonl"
+    deadline = time.monotonic() + 180
+    while not (history.is_file() and history.read_text().count("\n") >= 2):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    return process
+
+
+def one_error_line(stderr: str, expected: str) -> str:
+    """A failed command's stderr holds no traceback and one error line, the last, of the form
+    `invokeai-ti: error: ...` and holding `expected`; returns that line."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    assert errors[0].startswith("invokeai-ti: error: "), errors[0]
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+def fails_cleanly(
+    capsys: pytest.CaptureFixture[str], args: list[str], expected: str, out: Path
+) -> None:
+    """`invokeai-ti ARGS` stops with status 2 and one error line, having written nothing."""
+    assert main(args) == 2
+    one_error_line(capsys.readouterr().err, expected)
+    assert not out.exists() or not any(out.iterdir()), "a failed start wrote files"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,7 @@ from PIL import Image
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 
-from .conftest import write_image
-
-COMMAND = str(Path(sys.executable).parent / "invokeai-ti")
+from .conftest import COMMAND, cli_args, fails_cleanly, start_training, write_image
 
 MANUAL_OPTIONS = [
     "--model",
@@ -54,35 +49,6 @@ def test_help_lists_every_option_of_the_manual() -> None:
     assert "(default: 0.0005)" in shown and "(default: 3000)" in shown
 
 
-def _args(sd1_model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"--model={sd1_model}",
-        "--placeholder_token=<striped-ball>",
-        "--initializer_token=ball",
-        f"--train_data_dir={data}",
-        f"--output_dir={out}",
-        "--max_train_steps=2",
-        "--train_batch_size=2",
-        "--mixed_precision=no",
-        "--no-enable_xformers_memory_efficient_attention",
-        "--num_validation_images=0",
-        *extra,
-    ]
-
-
-def _fails_cleanly(
-    capsys: pytest.CaptureFixture[str], args: list[str], expected: str, out: Path
-) -> None:
-    assert main(args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if "error" in line.lower()]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    error = errors[0]
-    assert error.startswith("invokeai-ti: error: "), error
-    assert expected in error, error
-    assert not out.exists() or not any(out.iterdir()), "a failed start wrote files"
-
-
 @pytest.fixture
 def empty_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "empty"
@@ -92,13 +58,13 @@ def empty_dir(tmp_path: Path) -> Path:
 
 def test_missing_data_dir(capsys, sd1_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = _args(sd1_model, tmp_path / "missing", out)
-    _fails_cleanly(capsys, args, "--train_data_dir: folder", out)
+    args = cli_args(sd1_model, tmp_path / "missing", out)
+    fails_cleanly(capsys, args, "--train_data_dir: folder", out)
 
 
 def test_data_dir_without_images(capsys, sd1_model: Path, empty_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    _fails_cleanly(capsys, _args(sd1_model, empty_dir, out), "holds no PNG, JPEG or WebP", out)
+    fails_cleanly(capsys, cli_args(sd1_model, empty_dir, out), "holds no PNG, JPEG or WebP", out)
 
 
 def test_data_dir_with_only_unreadable_images(capsys, sd1_model: Path, tmp_path: Path) -> None:
@@ -106,7 +72,7 @@ def test_data_dir_with_only_unreadable_images(capsys, sd1_model: Path, tmp_path:
     data.mkdir()
     (data / "a.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    _fails_cleanly(capsys, _args(sd1_model, data, out), "none of the image files", out)
+    fails_cleanly(capsys, cli_args(sd1_model, data, out), "none of the image files", out)
 
 
 @pytest.mark.parametrize(
@@ -125,15 +91,15 @@ def test_bad_option(
     capsys, sd1_model: Path, object_images: Path, tmp_path: Path, extra: list[str], expected: str
 ) -> None:
     out = tmp_path / "out"
-    _fails_cleanly(capsys, _args(sd1_model, object_images, out, *extra), expected, out)
+    fails_cleanly(capsys, cli_args(sd1_model, object_images, out, *extra), expected, out)
 
 
 def test_model_that_is_not_a_pipeline(
     capsys, empty_dir: Path, object_images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    args = _args(empty_dir, object_images, out)
-    _fails_cleanly(capsys, args, "is not a Stable Diffusion diffusers pipeline folder", out)
+    args = cli_args(empty_dir, object_images, out)
+    fails_cleanly(capsys, args, "is not a Stable Diffusion diffusers pipeline folder", out)
 
 
 def test_unwritable_output_dir(
@@ -142,21 +108,21 @@ def test_unwritable_output_dir(
     blocker = tmp_path / "a-file"
     blocker.write_text("in the way")
     out = blocker / "out"
-    _fails_cleanly(capsys, _args(sd1_model, object_images, out), "cannot write to", out)
+    fails_cleanly(capsys, cli_args(sd1_model, object_images, out), "cannot write to", out)
 
 
 def test_an_earlier_embedding_is_not_overwritten(
     capsys, sd1_model: Path, object_images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    assert main(_args(sd1_model, object_images, out)) == 0
+    assert main(cli_args(sd1_model, object_images, out)) == 0
     embedding = out / "learned_embeds.safetensors"
     before = embedding.read_bytes()
     capsys.readouterr()
-    assert main(_args(sd1_model, object_images, out, "--seed=7")) == 2
+    assert main(cli_args(sd1_model, object_images, out, "--seed=7")) == 2
     assert "already holds an embedding" in capsys.readouterr().err
     assert embedding.read_bytes() == before
-    assert main(_args(sd1_model, object_images, out, "--seed=7", "--overwrite")) == 0
+    assert main(cli_args(sd1_model, object_images, out, "--seed=7", "--overwrite")) == 0
     assert embedding.read_bytes() != before
 
 
@@ -169,7 +135,7 @@ def test_unreadable_images_among_good_ones_are_skipped(
         write_image(data / f"good{index}.png")
     (data / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     out = tmp_path / "out"
-    assert main(_args(sd1_model, data, out)) == 0
+    assert main(cli_args(sd1_model, data, out)) == 0
     assert "skipping broken.jpg" in capsys.readouterr().err
     assert (out / "learned_embeds.safetensors").is_file()
 
@@ -178,7 +144,7 @@ def test_full_pipeline_export(sd1_model: Path, object_images: Path, tmp_path: Pa
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "out"
-    assert main(_args(sd1_model, object_images, out, "--no-only_save_embeds")) == 0
+    assert main(cli_args(sd1_model, object_images, out, "--no-only_save_embeds")) == 0
     pipeline = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
     assert len(pipeline.tokenizer("<striped-ball>", add_special_tokens=False).input_ids) == 1
 
@@ -188,20 +154,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_embedding(
     sd1_model: Path, object_images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    args = _args(sd1_model, object_images, out, "--max_train_steps=100000", "--seed=3")
-    process = subprocess.Popen(
-        [COMMAND, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    args = cli_args(sd1_model, object_images, out, "--max_train_steps=100000", "--seed=3")
+    process = start_training(args, out)
     history = out / "logs" / "history.jsonl"
-    deadline = time.monotonic() + 120
-    while not (history.is_file() and len(history.read_text().splitlines()) >= 2):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
@@ -212,7 +167,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_embedding(
     assert (out / "learned_embeds.safetensors").is_file()
     assert not list(out.rglob("*.partial"))
 
-    resumed = _args(sd1_model, object_images, out, f"--max_train_steps={steps_done + 2}")
+    resumed = cli_args(sd1_model, object_images, out, f"--max_train_steps={steps_done + 2}")
     assert main([*resumed, "--resume_from_checkpoint=latest"]) == 0
     assert len(history.read_text().splitlines()) == steps_done + 2
 
@@ -223,4 +178,4 @@ def test_images_of_a_real_photo_size_train(sd1_model: Path, tmp_path: Path) -> N
     for index in range(3):
         Image.new("RGB", (300 + index * 10, 200), (index * 60, 80, 160)).save(data / f"{index}.jpg")
     out = tmp_path / "out"
-    assert main(_args(sd1_model, data, out, "--center_crop", "--resolution=32")) == 0
+    assert main(cli_args(sd1_model, data, out, "--center_crop", "--resolution=64")) == 0

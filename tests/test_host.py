@@ -63,7 +63,7 @@ def test_training_by_model_name_registers_the_embedding(
     assert main(_train_args(host_root, object_images, "tiny-sd-1")) == 0
     assert "InvokeAI: registered <striped-ball> (sd-1)" in capsys.readouterr().out
     (record,) = host_records(host_root)
-    target = host_root / "embeddings" / "striped-ball" / "learned_embeds.safetensors"
+    target = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
     assert (record.name, record.base.value, record.format.value) == (
         "striped-ball",
         "sd-1",
@@ -79,7 +79,7 @@ def test_training_by_model_name_registers_the_embedding(
 
 def test_retraining_the_same_trigger_updates_it(host_root: Path, object_images: Path) -> None:
     assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=1")) == 0
-    target = host_root / "embeddings" / "striped-ball" / "learned_embeds.safetensors"
+    target = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
     first = target.read_bytes()
     assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=2", "--overwrite")) == 0
     (record,) = host_records(host_root)

@@ -127,7 +127,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(
     expected, _ = load_embedding(uninterrupted.embedding_path)
     got, _ = load_embedding(resumed.embedding_path)
     assert not torch.allclose(partial, expected, atol=1e-6), "stopping early made no difference"
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got, expected)  # the very same bits, not merely close
     losses = [
         [
             json.loads(line)["loss"]
@@ -136,7 +136,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(
         for run in (tmp_path / "whole", tmp_path / "parted")
     ]
     assert len(losses[1]) == steps
-    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-6)
+    assert losses[1] == losses[0]
 
 
 def test_v_prediction_model_trains_against_the_velocity(

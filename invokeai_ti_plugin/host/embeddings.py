@@ -1,10 +1,10 @@
-"""Embeddings as InvokeAI models: stored under ROOT/embeddings/<name>/ and registered by name.
+"""Embeddings as InvokeAI models: stored under ROOT/embeddings/<name>/<base>/, registered by name.
 
 The host itself would register a file it cannot classify as an `Unknown` model, accept two
 embeddings of the same name and base (and then fail every prompt using it), and keep serving an
 old file's vectors. So every registration here checks the vectors first, refuses name clashes,
-replaces its own earlier record, verifies what the host's probe made of the file, and leaves no
-record behind when anything is off.
+replaces its own earlier record of the same name and base (never another base's), verifies what
+the host's probe made of the file, and leaves no record behind when anything is off.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic_files import write_json_atomically
-from ..config import PROMPT_NAME
+from ..config import embeddings_folder, name_problem
 from ..errors import UserInputError
 from ..training.embedding_file import (
     EMBEDDING_FILENAME,
@@ -26,7 +26,6 @@ from .model_db import HostModels
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS_DIRNAME = "embeddings"
 SIDECAR_FILENAME = "embedding.json"
 
 
@@ -36,20 +35,37 @@ class RegisteredEmbedding:
     key: str
     base: str
     path: Path
-    replaced: bool  # an earlier version of this embedding was replaced
+    replaced: bool  # an earlier version of this embedding (same name and base) was replaced
 
-
-def embeddings_folder(root: Path) -> Path:
-    return root / EMBEDDINGS_DIRNAME
+    @property
+    def verb(self) -> str:
+        """What happened, for the user: 'updated' only when our own earlier result was replaced."""
+        return "updated" if self.replaced else "registered"
 
 
 def check_prompt_name(name: str) -> str:
-    if not PROMPT_NAME.fullmatch(name):
-        raise UserInputError(
-            f"{name!r} cannot be used in InvokeAI prompts as <{name}>; use only letters, digits, "
-            "'.', '_' and '-'"
-        )
+    problem = name_problem(name)
+    if problem:
+        raise UserInputError(f"{name!r} cannot name an embedding: the name {problem}")
     return name
+
+
+def embedding_folder(root: Path, name: str, base: str) -> Path:
+    """ROOT/embeddings/<name>/<base>/: InvokeAI keeps one embedding per name and base, so each
+    has a folder of its own. Refuses a folder that would lie outside ROOT/embeddings."""
+    check_prompt_name(name)
+    parent = embeddings_folder(root)
+    folder = parent / name / base
+    if parent.resolve() not in folder.resolve().parents:
+        raise UserInputError(
+            f"{folder} leads outside {parent} (through a link?); choose another name"
+        )
+    return folder
+
+
+def legacy_embedding_file(root: Path, name: str) -> Path:
+    """Where earlier versions stored <name>, whatever its base."""
+    return embeddings_folder(root) / name / EMBEDDING_FILENAME
 
 
 def check_fits_model(name: str, vectors: EmbeddingVectors, model_token_dim: int) -> None:
@@ -67,9 +83,8 @@ def embedding_records(models: HostModels) -> list:  # type: ignore[type-arg]
 def register_embedding_file(
     models: HostModels, file: Path, name: str, vectors: EmbeddingVectors
 ) -> RegisteredEmbedding:
-    """Register `file` (already in place) as the embedding `name`, replacing our own old record."""
-    from invokeai.app.services.model_records import ModelRecordChanges
-
+    """Register `file` (already in place) as the embedding `name`, replacing only earlier
+    records of that same file."""
     check_prompt_name(name)
     base = vectors.base(str(file))
     if not vectors.host_reads_as_is:
@@ -78,7 +93,44 @@ def register_embedding_file(
             f"`invokeai-ti import {file}`, which stores a corrected copy"
         )
     target = file.resolve()
-    previous = _records_replaced_by(models, name, base, target)
+    return _register(models, target, name, base, _records_replaced_by(models, name, base, target))
+
+
+def install_embedding(
+    models: HostModels, name: str, vectors: EmbeddingVectors, facts: dict[str, object]
+) -> RegisteredEmbedding:
+    """Store vectors as ROOT/embeddings/<name>/<base>/learned_embeds.safetensors, register them.
+
+    Only our own earlier result for this name and base is replaced, also one in the layout of
+    earlier versions (ROOT/embeddings/<name>/learned_embeds.safetensors, then removed); the same
+    name on another base is another embedding and stays. `facts` (what was trained, or where it
+    came from) go beside the file as embedding.json, so a start-up scan knows its name and width.
+    """
+    base = vectors.base(f"<{name}>")
+    folder = embedding_folder(models.root, name, base)
+    target = folder / EMBEDDING_FILENAME
+    legacy = legacy_embedding_file(models.root, name)
+    previous = _records_replaced_by(models, name, base, target, legacy)  # a clash: nothing written
+    metadata = {"name": name, "base": base, "token_dimension": str(vectors.token_dim)}
+    save_vectors(target, vectors, metadata)
+    write_json_atomically(folder / SIDECAR_FILENAME, {**facts, **metadata})
+    registered = _register(models, target.resolve(), name, base, previous)
+    if any(models.absolute(record.path).resolve() == legacy.resolve() for record in previous):
+        legacy.unlink(missing_ok=True)
+        (legacy.parent / SIDECAR_FILENAME).unlink(missing_ok=True)
+    return registered
+
+
+def _register(
+    models: HostModels,
+    target: Path,
+    name: str,
+    base: str,
+    previous: list,  # type: ignore[type-arg]
+) -> RegisteredEmbedding:
+    """Replace `previous` by a record of `target`, checking what the host's probe made of it."""
+    from invokeai.app.services.model_records import ModelRecordChanges
+
     for record in previous:
         models.installer.unregister(record.key)
     key = models.installer.register_path(
@@ -88,39 +140,26 @@ def register_embedding_file(
     if record.type.value != "embedding" or record.base.value != base:
         models.installer.unregister(key)
         raise UserInputError(
-            f"InvokeAI read {file} as a {record.base.value} {record.type.value} model instead of "
-            f"a {base} embedding; it was not registered"
+            f"InvokeAI read {target} as a {record.base.value} {record.type.value} model instead "
+            f"of a {base} embedding; it was not registered"
         )
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
 
 
-def install_embedding(
-    models: HostModels, name: str, vectors: EmbeddingVectors, facts: dict[str, object]
-) -> RegisteredEmbedding:
-    """Store vectors as ROOT/embeddings/<name>/learned_embeds.safetensors and register them.
-
-    `facts` (what was trained, or where it came from) go beside the file as embedding.json, so a
-    start-up check can tell what the file is meant for.
-    """
-    check_prompt_name(name)
-    base = vectors.base(f"<{name}>")
-    folder = embeddings_folder(models.root) / name
-    target = folder / EMBEDDING_FILENAME
-    _records_replaced_by(models, name, base, target)  # refuse a clash before writing
-    metadata = {"name": name, "base": base, "token_dimension": str(vectors.token_dim)}
-    save_vectors(target, vectors, metadata)
-    write_json_atomically(folder / SIDECAR_FILENAME, {**facts, **metadata})
-    return register_embedding_file(models, target, name, EmbeddingVectors(vectors.tensors))
-
-
-def _records_replaced_by(models: HostModels, name: str, base: str, target: Path) -> list:  # type: ignore[type-arg]
-    """Our earlier records of `target`; refuses another file already using the name."""
+def _records_replaced_by(
+    models: HostModels, name: str, base: str, target: Path, legacy: Path | None = None
+) -> list:  # type: ignore[type-arg]
+    """Earlier records of `target` (and of `name` on `base` at our `legacy` path); refuses any
+    other embedding of the same name and base, which InvokeAI could not tell apart in prompts."""
     previous = []
     for record in embedding_records(models):
-        if models.absolute(record.path).resolve() == target.resolve():
+        path = models.absolute(record.path).resolve()
+        same_name = record.name == name and record.base.value == base
+        legacy_of_name = same_name and legacy is not None and path == legacy.resolve()
+        if path == target.resolve() or legacy_of_name:
             previous.append(record)
-        elif record.name == name and record.base.value == base:
+        elif same_name:
             raise UserInputError(
                 f"InvokeAI already has a {base} embedding named <{name}> ({record.path}); "
                 "choose another name, or delete that one in InvokeAI's model manager"

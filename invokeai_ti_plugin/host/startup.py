@@ -11,18 +11,22 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from ..config import embeddings_folder
 from ..errors import UserInputError
 from ..training.embedding_file import (
+    BASES,
+    EMBEDDING_FILENAME,
     EMBEDDING_SUFFIXES,
     EmbeddingVectors,
     read_embedding_vectors,
 )
+from ..training.run_folder import MARKER_FILENAME
 from .embeddings import (
     SIDECAR_FILENAME,
     check_fits_model,
     embedding_records,
-    embeddings_folder,
     register_embedding_file,
 )
 from .model_db import HostModels
@@ -38,23 +42,34 @@ class StartupReport:
 
 
 def embedding_files(folder: Path) -> list[Path]:
-    """Embedding files under `folder`, skipping hidden and half-written ones."""
+    """Embedding files under `folder`, skipping hidden and half-written ones, and training run
+    folders (their checkpoints are not embeddings to use)."""
     if not folder.is_dir():
         return []
+    run_folders = {marker.parent for marker in folder.rglob(MARKER_FILENAME)}
     return sorted(
         path
         for path in folder.rglob("*")
         if path.is_file()
         and path.suffix in EMBEDDING_SUFFIXES
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and run_folders.isdisjoint(path.parents)
     )
 
 
 def name_for(file: Path, folder: Path) -> str:
-    """A file alone in its own folder takes the folder's name (embeddings/<name>/...)."""
-    if file.parent != folder and len(embedding_files(file.parent)) == 1:
-        return file.parent.name
-    return file.stem
+    """The name in the embedding.json beside the file (we write one); else a file alone in its
+    folder takes the folder's name: embeddings/<name>/<base>/ (a base folder never names one) or
+    embeddings/<name>/; else the file's own name."""
+    named = _sidecar(file).get("name")
+    if isinstance(named, str) and named:
+        return named
+    parent = file.parent
+    if parent == folder or len(embedding_files(parent)) != 1:
+        return file.stem
+    if parent.name in BASES:
+        return parent.parent.name if parent.parent != folder else file.stem
+    return parent.name
 
 
 def sync_embeddings(models: HostModels) -> StartupReport:
@@ -74,6 +89,7 @@ def sync_embeddings(models: HostModels) -> StartupReport:
             vectors = read_embedding_vectors(file)
             _check_sidecar(file, name, vectors)
             register_embedding_file(models, file, name, vectors)
+            known.add(file.resolve())  # a link to it is not registered a second time
             report.registered.append(name)
         except UserInputError as error:
             report.refused.append(f"{file}: {error}")
@@ -86,13 +102,22 @@ def sync_embeddings(models: HostModels) -> StartupReport:
     return report
 
 
+def _sidecar(file: Path) -> dict[str, Any]:
+    """The embedding.json we write beside learned_embeds.safetensors, or {} (none, unreadable,
+    or another file)."""
+    if file.name != EMBEDDING_FILENAME:
+        return {}
+    try:
+        facts = json.loads((file.parent / SIDECAR_FILENAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
+
+
 def _check_sidecar(file: Path, name: str, vectors: EmbeddingVectors) -> None:
     """An embedding.json beside the file names the model width it is meant for."""
-    sidecar = file.parent / SIDECAR_FILENAME
-    if not sidecar.is_file():
-        return
     try:
-        model_dim = int(json.loads(sidecar.read_text())["token_dimension"])
+        model_dim = int(_sidecar(file)["token_dimension"])
     except (ValueError, KeyError, TypeError):
         return
     check_fits_model(name, vectors, model_dim)

@@ -59,6 +59,21 @@ class ExampleSampler:
             "position": self.position,
         }
 
+    @staticmethod
+    def is_state(state: dict[str, Any], num_images: int) -> bool:
+        """Whether `state` is a whole `state_dict` over `num_images` images (a damaged or
+        hostile checkpoint may hold anything)."""
+        generator, order, position = (state.get(key) for key in ("generator", "order", "position"))
+        return (
+            isinstance(generator, torch.Tensor)
+            and generator.dtype == torch.uint8
+            and isinstance(order, torch.Tensor)
+            and order.dtype == torch.long
+            and torch.equal(order.sort().values, torch.arange(num_images))
+            and isinstance(position, int)
+            and 0 <= position <= num_images
+        )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.order = state["order"].clone()

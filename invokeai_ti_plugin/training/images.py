@@ -7,6 +7,7 @@ plain 8-bit RGB the way a viewer shows it, so the model learns what the user saw
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +72,21 @@ def to_training_square(image: Image.Image, resolution: int, center_crop: bool) -
 
 
 def read_caption(image_path: Path) -> str | None:
+    """The words of name.txt beside name.png. A caption in another encoding is refused, not
+    guessed at: training on garbled words, or silently without them, would teach the wrong
+    thing, and the run stops here, before the model loads."""
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
         return None
-    return " ".join(caption_path.read_text(encoding="utf-8").split()) or None
+    try:
+        text = caption_path.read_text(encoding="utf-8-sig")  # a BOM, as Notepad writes, is fine
+    except UnicodeDecodeError as error:
+        raise UserInputError(
+            f"caption {caption_path} is not UTF-8 text (byte {error.start} of it); save it as "
+            "UTF-8, or delete it to train that image with the prompt templates",
+            option="train_data_dir",
+        ) from error
+    return " ".join(text.split()) or None
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -83,16 +95,25 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_training_images(folder: Path, resolution: int, center_crop: bool) -> list[TrainingImage]:
-    """Every readable image of the folder; unreadable ones are skipped with a warning."""
+def load_training_images(
+    folder: Path, resolution: int, center_crop: bool, leave_out: Collection[Path] = ()
+) -> list[TrainingImage]:
+    """Every readable image of the folder but `leave_out` (files a run writes there itself);
+    unreadable ones are skipped with a warning."""
+    left_out = {path.resolve() for path in leave_out}
     images: list[TrainingImage] = []
     for path in image_files(folder):
+        if path.resolve() in left_out:
+            continue
         try:
             with Image.open(path) as opened:
                 opened.load()
                 rgb = to_rgb(opened)
         except (OSError, UnidentifiedImageError, ValueError) as error:
             logger.warning("skipping %s: not a readable image (%s)", path.name, error)
+            continue
+        except Image.DecompressionBombError as error:
+            logger.warning("skipping %s: too large to load (%s); scale it down", path.name, error)
             continue
         square = to_training_square(rgb, resolution, center_crop)
         left, top, _, _ = crop_box(rgb.size, center_crop)

@@ -5,6 +5,8 @@ each image has at most two possible inputs. Each is encoded the first time train
 (so training starts as soon as the first batch is ready), its latent distribution (mean and std)
 is kept, and once every variant is in, the VAE is let go. Drawing `mean + std * noise` per step
 is exactly what `latent_dist.sample()` would give: caching changes the cost, not the training.
+Each variant is encoded on its own: in a batch its latent would depend (in the last bits) on which
+other variants training met at the same time, and a resumed run meets them in other groups.
 """
 
 from __future__ import annotations
@@ -16,13 +18,10 @@ from diffusers import AutoencoderKL
 class LatentCache:
     """Latent distributions of each image, unflipped (index 0) and flipped (index 1)."""
 
-    def __init__(
-        self, vae: AutoencoderKL, pixels: torch.Tensor, with_flips: bool, chunk: int = 4
-    ) -> None:
+    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor, with_flips: bool) -> None:
         """`pixels` [N, 3, H, W] in [-1, 1]; encoded on the VAE's device, in its dtype."""
         self._vae: AutoencoderKL | None = vae
         self.pixels = pixels
-        self.chunk = chunk
         self.scaling_factor = float(vae.config.scaling_factor)
         self.encoded = torch.zeros(len(pixels), 2, dtype=torch.bool)
         if not with_flips:
@@ -39,25 +38,22 @@ class LatentCache:
 
     @torch.no_grad()
     def _encode(self, pairs: list[list[int]]) -> None:
+        """Encode (image, flipped) variants one at a time, so each latent is the same bits
+        whenever and beside whatever it is encoded."""
         if not pairs:
             return
         assert self._vae is not None
         vae = self._vae
-        for start in range(0, len(pairs), self.chunk):
-            part = pairs[start : start + self.chunk]
-            batch = torch.stack(
-                [self.pixels[i].flip(-1) if flipped else self.pixels[i] for i, flipped in part]
-            )
-            dist = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist
+        for index, flipped in pairs:
+            pixels = self.pixels[index].flip(-1) if flipped else self.pixels[index]
+            dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
             if self.mean is None or self.std is None:
                 shape = (len(self.pixels), 2, *dist.mean.shape[1:])
                 self.mean = dist.mean.new_zeros(shape)
                 self.std = dist.std.new_zeros(shape)
-            rows = torch.tensor([i for i, _ in part])
-            variants = torch.tensor([flipped for _, flipped in part])
-            self.mean[rows, variants] = dist.mean
-            self.std[rows, variants] = dist.std
-            self.encoded[rows, variants] = True
+            self.mean[index, flipped] = dist.mean[0]
+            self.std[index, flipped] = dist.std[0]
+            self.encoded[index, flipped] = True
         if self.complete:
             self._vae = None  # every variant is in: free the VAE's memory
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 from ..atomic_files import write_atomically
 
-LOSS_PLOT_FILENAME = "loss.png"
-
 
 def smooth(values: list[float], weight: float = 0.95) -> list[float]:
     """Bias-corrected exponential moving average, so early points are not dragged to zero."""

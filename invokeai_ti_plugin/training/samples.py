@@ -20,12 +20,7 @@ from PIL import Image
 from ..atomic_files import write_atomically
 from .model_files import ModelParts, load_vae
 
-SAMPLE_DIRNAME = "samples"
 INFERENCE_STEPS = 20
-
-
-def sample_path(output_dir: Path, step: int) -> Path:
-    return output_dir / SAMPLE_DIRNAME / f"step-{step:06d}.png"
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import secrets
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,24 +23,24 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import get_cpu_distributed_information
 from diffusers.optimization import get_scheduler
 
-from ..atomic_files import write_json_atomically
+from ..atomic_files import disk_full_explained, write_atomically, write_json_atomically
 from ..config import TrainingConfig, xformers_installed
 from ..errors import UserInputError
 from .checkpoints import (
+    ResumePoint,
     TrainingSnapshot,
     begin_checkpoint,
-    checkpoints_root,
+    check_same_images,
     finish_checkpoint,
+    image_fingerprints,
     list_checkpoints,
-    load_process_state,
-    load_snapshot,
-    resolve_checkpoint,
+    resume_point,
     save_process_state,
 )
 from .embedding_file import (
-    EMBEDDING_FILENAME,
     EMBEDDING_KEY,
     SDXL_KEYS,
     EmbeddingVectors,
@@ -51,7 +51,7 @@ from .embedding_file import (
 from .examples import ExampleSampler
 from .images import TrainingImage, load_training_images
 from .latent_cache import LatentCache
-from .loss_plot import LOSS_PLOT_FILENAME, write_loss_plot
+from .loss_plot import write_loss_plot
 from .model_files import (
     ModelInfo,
     ModelParts,
@@ -69,14 +69,12 @@ from .new_tokens import (
 )
 from .objective import denoising_loss
 from .prompts import caption_prompt, training_prompts, validation_prompt
-from .samples import render_samples, sample_path, save_grid
+from .run_folder import RunFolder
+from .samples import render_samples, save_grid
 from .text_conditioning import TextConditioning, sdxl_time_ids
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILENAME = "embedding.json"
-HISTORY_FILENAME = "history.jsonl"
-LOG_DIRNAME = "logs"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -111,8 +109,8 @@ ProgressCallback = Callable[[ProgressUpdate], None]
 
 
 class Trainer:
-    """Runs one training; `request_stop` (also bound to Ctrl-C) ends it after the current update
-    with a checkpoint and the embedding so far."""
+    """Runs one training; `request_stop` (also bound to Ctrl-C once training has begun) ends it
+    after the current update with a checkpoint and the embedding so far."""
 
     def __init__(self, config: TrainingConfig, on_progress: ProgressCallback | None = None) -> None:
         self.config = config
@@ -124,24 +122,32 @@ class Trainer:
         self._stop_requested = True
 
     def run(self) -> TrainingResult:
-        with _stop_on_interrupt(self):
-            return self._run()
+        with RunFolder(self.config.out_dir) as folder:
+            return self._run(folder)
 
-    def _run(self) -> TrainingResult:
+    def _run(self, folder: RunFolder) -> TrainingResult:
         config = self.config
         info = inspect_model(Path(config.model).expanduser())
         require_trainable(info)
         resolution = config.resolution or info.native_resolution
         out = config.out_dir
-        resume_from = resolve_checkpoint(out, config.resume_from_checkpoint)
-        if config.resume_from_checkpoint == "latest" and resume_from is None:
+        main_process = _is_main_rank()
+        if main_process:  # the main process speaks for the folder; the others trust it
+            folder.check_usable(config.overwrite)
+        resume = resume_point(out, config.resume_from_checkpoint)
+        if config.resume_from_checkpoint == "latest" and resume is None:
             logger.info("no checkpoint in %s yet: starting a new run", out)
-        snapshot = load_snapshot(resume_from) if resume_from else None
+        snapshot = resume.snapshot if resume else None
         if snapshot is not None:
             _check_resumable(snapshot, config, info)
         if snapshot is None and not config.overwrite:
-            _refuse_to_clobber(out)
-        images = load_training_images(config.data_dir, resolution, config.center_crop)
+            _refuse_to_clobber(folder)
+        images = load_training_images(
+            config.data_dir, resolution, config.center_crop, leave_out=[folder.loss_plot]
+        )
+        image_record = image_fingerprints(images)
+        if resume is not None:
+            check_same_images(resume, image_record, config.data_dir)
         mixed_precision = _usable_mixed_precision(config.mixed_precision)
         logger.info("loading %s (%s)", info.folder, info.base)
         parts = load_model_parts(info, _DTYPES[mixed_precision])
@@ -156,7 +162,8 @@ class Trainer:
             for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
         ]
         seed = int(snapshot.facts["seed"]) if snapshot else _choose_seed(config.seed)
-        _make_writable(out)
+        if main_process:
+            folder.claim(config.overwrite)
 
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -169,13 +176,17 @@ class Trainer:
         if not accelerator.is_main_process:  # one voice in the log, not one per process
             logging.getLogger("invokeai_ti_plugin").setLevel(logging.WARNING)
         with _accelerator_session(accelerator):
-            run = _Run(self, accelerator, parts, new_words, images, resolution, seed)
-            if snapshot is not None and resume_from is not None:
-                run.restore(snapshot, resume_from)
+            run = _Run(
+                self, folder, accelerator, parts, new_words, images, image_record, resolution, seed
+            )
+            if resume is not None:
+                run.restore(resume)
             elif accelerator.is_main_process:
-                _clear_previous_run(out)
-            _attach_log_file(out, accelerator)
-            return run.train()
+                _clear_previous_run(folder)
+            _attach_log_file(folder, accelerator)
+            # only now is there work to save; Ctrl-C while starting up aborts with nothing written
+            with _stop_on_interrupt(self):
+                return run.train()
 
 
 class _Run:
@@ -184,20 +195,25 @@ class _Run:
     def __init__(
         self,
         trainer: Trainer,
+        folder: RunFolder,
         accelerator: Accelerator,
         parts: ModelParts,
         new_words: list[tuple[list[int], torch.Tensor]],
         images: list[TrainingImage],
+        image_record: dict[str, str],  # what checkpoints record of the images (a resume checks)
         resolution: int,
         seed: int,
     ) -> None:
         self.trainer = trainer
         self.config = config = trainer.config
+        self.folder = folder
         self.accelerator = accelerator
         self.parts = parts
         self.seed = seed
         self.resolution = resolution
+        self.image_record = image_record
         self.step = 0
+        self.resumed: ResumePoint | None = None
         device = accelerator.device
         _choose_attention(parts, config.enable_xformers_memory_efficient_attention)
         if config.gradient_checkpointing:
@@ -239,6 +255,7 @@ class _Run:
                 * config.train_batch_size
                 * accelerator.num_processes
             )
+        self.learning_rate = learning_rate
         optimizer = torch.optim.AdamW(
             [placeholder.vectors for placeholder in self.placeholders],
             lr=learning_rate,
@@ -256,7 +273,7 @@ class _Run:
         self.conditioning = TextConditioning(
             parts.tokenizers, encoders, templates + captions, device
         )
-        self.history = _History(config.out_dir / LOG_DIRNAME / HISTORY_FILENAME, accelerator)
+        self.history = _History(folder, accelerator)
         self.tracking = bool(accelerator.log_with)
         if self.tracking:
             accelerator.init_trackers("textual_inversion")
@@ -273,17 +290,34 @@ class _Run:
             }
         )
 
-    def restore(self, snapshot: TrainingSnapshot, folder: Path) -> None:
+    def restore(self, point: ResumePoint) -> None:
         """Continue from a checkpoint exactly as if the run had never stopped."""
-        with torch.no_grad():
-            for key, placeholder in zip(self.vector_keys, self.placeholders, strict=True):
-                placeholder.vectors.copy_(snapshot.vectors[key].to(placeholder.vectors.device))
-        self.optimizer.load_state_dict(snapshot.optimizer)
-        self.lr_scheduler.load_state_dict(snapshot.lr_scheduler)
-        self.sampler.load_state_dict(load_process_state(folder, self.accelerator.process_index))
+        snapshot = point.snapshot
+        try:
+            with torch.no_grad():
+                for key, placeholder in zip(self.vector_keys, self.placeholders, strict=True):
+                    placeholder.vectors.copy_(snapshot.vectors[key].to(placeholder.vectors.device))
+            self.optimizer.load_state_dict(snapshot.optimizer)
+            self.lr_scheduler.load_state_dict(snapshot.lr_scheduler)
+            self._continue_at_learning_rate()
+        except (LookupError, TypeError, ValueError, RuntimeError, ArithmeticError) as error:
+            raise UserInputError(  # files that load but do not fit together: damaged or forged
+                f"cannot resume from {point.folder}: its state does not fit this run ({error}); "
+                "pass another checkpoint, or start over with --overwrite",
+                option="resume_from_checkpoint",
+            ) from error
+        self.sampler.load_state_dict(point.process_state(self.accelerator.process_index))
         self.step = snapshot.step
+        self.resumed = point
         self.history.truncate(self.step)
-        logger.info("resuming from %s at step %d", folder, self.step)
+        logger.info("resuming from %s at step %d", point.folder, self.step)
+
+    def _continue_at_learning_rate(self) -> None:
+        """A resumed run uses the --learning_rate it is given now (say, a lower one after a
+        divergence) on the restored schedule; the same rate changes nothing, bit for bit."""
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] *= self.learning_rate / self.lr_scheduler.base_lrs[index]
+            self.lr_scheduler.base_lrs[index] = self.learning_rate
 
     def train(self) -> TrainingResult:
         config = self.config
@@ -316,6 +350,7 @@ class _Run:
             self.step += 1
             reduced = accelerator.reduce(loss_sum, "mean")
             loss_value = float(reduced) / config.gradient_accumulation_steps
+            self._stop_if_diverged(loss_value)
             now = time.perf_counter()
             elapsed, last = now - last, now
             seconds_per_step = (
@@ -344,9 +379,33 @@ class _Run:
                 if config.validation_steps and self.step % config.validation_steps == 0:
                     self.save_samples()
             last = time.perf_counter()  # saving is not training time
-        checkpoint = self.save_checkpoint()
+        if self.resumed is not None and self.resumed.snapshot.step == self.step:
+            checkpoint = self.resumed.folder  # nothing new: rewriting it would only risk it
+        else:
+            checkpoint = self.save_checkpoint()
         self.save_samples()
         return self._finish(completed=not stopped, checkpoint=checkpoint)
+
+    def _stop_if_diverged(self, loss: float) -> None:
+        """A loss or vector that is no longer finite never recovers: stop before anything of it
+        is saved, so the checkpoints and the embedding on disk stay the last good ones."""
+        vectors = self.learned_vectors().tensors.values()
+        if math.isfinite(loss) and all(bool(torch.isfinite(v).all()) for v in vectors):
+            return
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "the vectors overflowed"
+        found = list_checkpoints(self.config.out_dir)
+        resume = (
+            f"; add --resume_from_checkpoint latest to continue from the last checkpoint before "
+            f"it, {found[-1]}"
+            if found
+            else " (no checkpoint was saved before it)"
+        )
+        raise UserInputError(
+            f"training diverged at step {self.step}: {what}, and nothing of it was saved; run "
+            f"again with a lower --learning_rate (this run used {self.config.learning_rate:g})"
+            f"{resume}",
+            option="learning_rate",
+        )
 
     def _loss_of_next_batch(self) -> torch.Tensor:
         batch = self.sampler.next_batch(self.config.train_batch_size)
@@ -386,7 +445,8 @@ class _Run:
             self.seed,
             self.accelerator.device,
         )
-        path = sample_path(config.out_dir, self.step)
+        path = self.folder.sample(self.step)
+        self.folder.take(path)
         save_grid(images, path)
         logger.info("sample grid for %r at step %d: %s", prompt, self.step, path)
         return path
@@ -412,9 +472,10 @@ class _Run:
 
     def save_checkpoint(self) -> Path:
         accelerator = self.accelerator
-        out = self.config.out_dir
-        temp = checkpoints_root(out) / f".checkpoint-{self.step}.partial"
+        out, folder = self.config.out_dir, self.folder
+        temp = folder.partial(folder.checkpoint(self.step))
         if accelerator.is_main_process:
+            folder.take(temp, folder.checkpoint(self.step))
             begin_checkpoint(out, self.step)
         accelerator.wait_for_everyone()
         save_process_state(temp, accelerator.process_index, self.sampler.state_dict())
@@ -425,18 +486,17 @@ class _Run:
                 vectors=self.learned_vectors().tensors,
                 optimizer=self.optimizer.state_dict(),
                 lr_scheduler=self.lr_scheduler.state_dict(),
-                facts=self._facts(),
+                facts={**self._facts(), "images": self.image_record},
             )
             finish_checkpoint(temp, out, snapshot)
             self.history.plot(f"{self.config.placeholder_token} on {self.parts.info.folder.name}")
             logger.info("saved checkpoint at step %d", self.step)
         accelerator.wait_for_everyone()
-        return checkpoints_root(out) / f"checkpoint-{self.step}"
+        return folder.checkpoint(self.step)
 
     def _finish(self, completed: bool, checkpoint: Path) -> TrainingResult:
-        out = self.config.out_dir
-        embedding_path = out / EMBEDDING_FILENAME
-        summary_path = out / SUMMARY_FILENAME
+        embedding_path = self.folder.embedding
+        summary_path = self.folder.summary
         facts = self._facts()
         if self.accelerator.is_main_process:
             metadata = {key: str(value) for key, value in facts.items() if key != "num_processes"}
@@ -450,13 +510,16 @@ class _Run:
                 "resolution": self.resolution,
                 "steps": self.step,
                 "completed": completed,
-                "embedding": EMBEDDING_FILENAME,
+                "embedding": embedding_path.name,
                 "options": self.config.model_dump(mode="json"),
             }
             write_json_atomically(summary_path, summary)
             if not self.config.only_save_embeds:
                 _export_pipeline(
-                    self.parts.info.folder, embedding_path, self.config.placeholder_token, out
+                    self.parts.info.folder,
+                    embedding_path,
+                    self.config.placeholder_token,
+                    self.folder,
                 )
             logger.info(
                 "%s embedding after %d steps: %s",
@@ -480,28 +543,37 @@ class _Run:
 class _History:
     """Loss and learning rate of every update, for plots; truncated on resume."""
 
-    def __init__(self, path: Path, accelerator: Accelerator) -> None:
-        self.path = path
+    def __init__(self, folder: RunFolder, accelerator: Accelerator) -> None:
+        self.path = folder.history
+        self.plot_path = folder.loss_plot
         self.enabled = accelerator.is_main_process
         if self.enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate(self, step: int) -> None:
+        """Keep the updates up to `step`; a line torn by a crash mid-write is dropped."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [
-            line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step
-        ]
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = "".join(f"{line}\n" for line in lines if _step_of(line) <= step)
+        write_atomically(self.path, lambda temp: temp.write_text(kept, encoding="utf-8"))
 
     def plot(self, title: str) -> None:
         if self.enabled and self.path.is_file():
-            write_loss_plot(self.path, self.path.parent.parent / LOSS_PLOT_FILENAME, title)
+            write_loss_plot(self.path, self.plot_path, title)
 
     def add(self, step: int, loss: float, learning_rate: float) -> None:
         if self.enabled:
-            with self.path.open("a", encoding="utf-8") as file:
+            with disk_full_explained(self.path), self.path.open("a", encoding="utf-8") as file:
                 file.write(json.dumps({"step": step, "loss": loss, "lr": learning_rate}) + "\n")
+
+
+def _step_of(history_line: str) -> float:
+    """The step a history line records; a line torn by a crash mid-write records none."""
+    try:
+        return float(json.loads(history_line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _choose_seed(seed: int | None) -> int:
@@ -535,34 +607,26 @@ def _choose_attention(parts: ModelParts, want_xformers: bool) -> None:
     parts.unet.enable_xformers_memory_efficient_attention()
 
 
-def _refuse_to_clobber(out: Path) -> None:
+def _refuse_to_clobber(folder: RunFolder) -> None:
     """A fresh run must not silently replace an earlier run's embedding or checkpoints."""
-    if (out / EMBEDDING_FILENAME).exists() or list_checkpoints(out):
+    if folder.embedding.exists() or list_checkpoints(folder.path):
         raise UserInputError(
-            f"{out} already holds an embedding or checkpoints from an earlier run; pass "
+            f"{folder.path} already holds an embedding or checkpoints from an earlier run; pass "
             "--resume_from_checkpoint latest to continue it, or --overwrite to start over",
             option="output_dir",
         )
 
 
-def _make_writable(out: Path) -> None:
-    """Create the output folder and prove it takes files, before any training time is spent."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserInputError(
-            f"cannot write to {out} ({error.strerror or error}); choose a writable --output_dir",
-            option="output_dir",
-        ) from error
+def _is_main_rank() -> bool:
+    """The main process, known before accelerate starts: launchers (torchrun, accelerate
+    launch, MPI) give every process its rank in the environment, as accelerate reads it."""
+    return get_cpu_distributed_information().rank == 0
 
 
-def _clear_previous_run(out: Path) -> None:
-    """A fresh run (allowed to overwrite) starts without the old run's checkpoints and log."""
-    shutil.rmtree(checkpoints_root(out), ignore_errors=True)
-    (out / LOG_DIRNAME / HISTORY_FILENAME).unlink(missing_ok=True)
+def _clear_previous_run(folder: RunFolder) -> None:
+    """A fresh run (allowed to overwrite) starts without the old run's checkpoints and log;
+    only what our runs wrote is deleted."""
+    folder.discard(*folder.owned_in(folder.checkpoints), folder.history)
 
 
 def _check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: ModelInfo) -> None:
@@ -583,11 +647,11 @@ def _check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: M
         )
 
 
-def _attach_log_file(out: Path, accelerator: Accelerator) -> None:
+def _attach_log_file(folder: RunFolder, accelerator: Accelerator) -> None:
     """Keep a log of the run beside its outputs (main process)."""
     if not accelerator.is_main_process:
         return
-    path = out / LOG_DIRNAME / "train.log"
+    path = folder.train_log
     path.parent.mkdir(parents=True, exist_ok=True)
     package_logger = logging.getLogger("invokeai_ti_plugin")
     for handler in package_logger.handlers:
@@ -603,7 +667,9 @@ def _attach_log_file(out: Path, accelerator: Accelerator) -> None:
         package_logger.setLevel(logging.INFO)
 
 
-def _export_pipeline(model_folder: Path, embedding_path: Path, token: str, out: Path) -> None:
+def _export_pipeline(
+    model_folder: Path, embedding_path: Path, token: str, folder: RunFolder
+) -> None:
     """A whole diffusers pipeline with the new word built in (--no-only_save_embeds)."""
     from diffusers import DiffusionPipeline
 
@@ -619,11 +685,12 @@ def _export_pipeline(model_folder: Path, embedding_path: Path, token: str, out: 
             )
     else:
         pipeline.load_textual_inversion(str(embedding_path), token=token)
-    target = out / "pipeline"
-    temp = out / ".pipeline.partial"
-    shutil.rmtree(temp, ignore_errors=True)
+    target = folder.pipeline
+    temp = folder.partial(target)
+    folder.take(temp)
+    folder.discard(temp)
     pipeline.save_pretrained(str(temp))
-    shutil.rmtree(target, ignore_errors=True)
+    folder.discard(target)
     temp.rename(target)
     logger.info("saved a pipeline with %s built in: %s", token, target)
 

@@ -11,6 +11,7 @@ so no file is ever left half-written.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -75,6 +76,18 @@ class TrainingApp(App[None]):
         self.steps_seen = 0
         self.exit_status = 0
         self.log_handler = LogToScreen(self)
+
+    def run(self, *, headless: bool = False, **options: Any) -> None:
+        """Show the form. It reads keys from stdin and draws on stderr (Textual's screen);
+        without a terminal on both it would wait forever, so that is refused in one line."""
+        if not headless and not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UserInputError(
+                "the training form needs an interactive terminal, and this one's input or screen "
+                "is redirected; give the options on the command line instead, e.g. invokeai-ti "
+                "--model NAME --placeholder_token '<word>' --train_data_dir FOLDER "
+                "(see invokeai-ti --help)"
+            )
+        super().run(headless=headless, **options)
 
     def compose(self) -> ComposeResult:
         yield Static(f"{self.TITLE} - InvokeAI at {self.root}", id="title")

@@ -12,14 +12,14 @@ from textual.widgets import ProgressBar, Static
 
 from ..config import TrainingConfig
 from ..job import JobResult
-from ..training.samples import SAMPLE_DIRNAME
+from ..training.run_folder import RunFolder
 from ..training.trainer import ProgressUpdate
 
 LOG_LINES = 200
 
 
 def newest_sample(output_dir: Path) -> Path | None:
-    grids = list((output_dir / SAMPLE_DIRNAME).glob("*.png"))
+    grids = list(RunFolder(output_dir).samples.glob("*.png"))
     return max(grids, key=lambda path: path.stat().st_mtime_ns) if grids else None
 
 
