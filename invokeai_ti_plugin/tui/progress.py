@@ -50,10 +50,9 @@ def outcome_text(outcome: JobResult) -> str:
     registered = outcome.registered
     if registered is None:
         return f"{done}\nInvokeAI: {outcome.note}"
-    verb = "updated" if registered.replaced else "registered"
     return (
-        f"{done}\nInvokeAI: {verb} <{registered.name}> ({registered.base}); use it in prompts "
-        f"as <{registered.name}>"
+        f"{done}\nInvokeAI: {registered.verb} <{registered.name}> ({registered.base}); use it "
+        f"in prompts as <{registered.name}>"
     )
 
 
