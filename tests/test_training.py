@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +105,26 @@ def test_outputs_describe_the_run(make_config: MakeConfig) -> None:
     history = (config.out_dir / "logs" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2, 3]
     assert "training <striped-ball>" in (config.out_dir / "logs" / "train.log").read_text()
+
+
+def test_two_runs_in_one_process_keep_their_own_logs(
+    make_config: MakeConfig, tmp_path: Path
+) -> None:
+    """A form or server trains many times in one process: each train.log holds its run alone,
+    and the package's logging is left as it was found."""
+    package_logger = logging.getLogger("invokeai_ti_plugin")
+    handlers, level = list(package_logger.handlers), package_logger.level
+    first = make_config(max_train_steps=1, output_dir=tmp_path / "first")
+    second = make_config(
+        max_train_steps=1, output_dir=tmp_path / "second", placeholder_token="<other-ball>"
+    )
+    Trainer(first).run()
+    Trainer(second).run()
+    first_log = (first.out_dir / "logs" / "train.log").read_text()
+    second_log = (second.out_dir / "logs" / "train.log").read_text()
+    assert "training <striped-ball>" in first_log and "<other-ball>" not in first_log
+    assert "training <other-ball>" in second_log and "<striped-ball>" not in second_log
+    assert package_logger.handlers == handlers and package_logger.level == level
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(

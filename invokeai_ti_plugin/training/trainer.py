@@ -174,9 +174,7 @@ class Trainer:
             # without a GPU, several processes (torchrun, accelerate launch) use gloo on CPU
             cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         )
-        if not accelerator.is_main_process:  # one voice in the log, not one per process
-            logging.getLogger("invokeai_ti_plugin").setLevel(logging.WARNING)
-        with _accelerator_session(accelerator):
+        with _accelerator_session(accelerator), _run_logging(folder, accelerator):
             run = _Run(
                 self, folder, accelerator, parts, new_words, images, image_record, resolution, seed
             )
@@ -184,7 +182,6 @@ class Trainer:
                 run.restore(resume)
             elif accelerator.is_main_process:
                 _clear_previous_run(folder)
-            _attach_log_file(folder, accelerator)
             # only now is there work to save; Ctrl-C while starting up aborts with nothing written
             with _stop_on_interrupt(self):
                 return run.train()
@@ -653,24 +650,30 @@ def _check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: M
         )
 
 
-def _attach_log_file(folder: RunFolder, accelerator: Accelerator) -> None:
-    """Keep a log of the run beside its outputs (main process)."""
-    if not accelerator.is_main_process:
-        return
-    path = folder.train_log
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextmanager
+def _run_logging(folder: RunFolder, accelerator: Accelerator) -> Iterator[None]:
+    """The run's log beside its outputs (main process) and one voice on the terminal (the other
+    processes report only warnings). Both end with the run: a form or server process trains many
+    times, and each run's train.log holds that run alone."""
     package_logger = logging.getLogger("invokeai_ti_plugin")
-    for handler in package_logger.handlers:
-        if (
-            isinstance(handler, logging.FileHandler)
-            and Path(handler.baseFilename) == path.resolve()
-        ):
-            return
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    package_logger.addHandler(handler)
-    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
-        package_logger.setLevel(logging.INFO)
+    level = package_logger.level
+    handler: logging.Handler | None = None
+    if accelerator.is_main_process:
+        folder.train_log.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(folder.train_log, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        package_logger.addHandler(handler)
+        if level == logging.NOTSET or level > logging.INFO:
+            package_logger.setLevel(logging.INFO)
+    else:
+        package_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            package_logger.removeHandler(handler)
+            handler.close()
+        package_logger.setLevel(level)
 
 
 def _export_pipeline(
