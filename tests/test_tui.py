@@ -24,12 +24,9 @@ from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import default_batch_size, xformers_installed
 from invokeai_ti_plugin.host.installed_models import install_main_model, installed_models_at
 from invokeai_ti_plugin.host.model_db import open_host_models
-from invokeai_ti_plugin.training.checkpoints import (
-    STATE_FILENAME,
-    checkpoint_folder,
-    list_checkpoints,
-)
+from invokeai_ti_plugin.training.checkpoints import STATE_FILENAME, list_checkpoints
 from invokeai_ti_plugin.training.model_files import inspect_model
+from invokeai_ti_plugin.training.run_folder import RunFolder
 from invokeai_ti_plugin.tui.app import TrainingApp
 from invokeai_ti_plugin.tui.form import TrainingForm
 
@@ -167,7 +164,7 @@ def test_typing_a_trigger_fills_the_folders_and_they_stay_editable(
 
 
 def test_resume_ticks_itself_when_the_trigger_has_a_checkpoint(host_root: Path) -> None:
-    saved = checkpoint_folder(host_root / "text-inversion-output" / "striped-ball", 3)
+    saved = RunFolder(host_root / "text-inversion-output" / "striped-ball").checkpoint(3)
     saved.mkdir(parents=True)
     (saved / STATE_FILENAME).write_text("{}")
     app = _form(host_root)

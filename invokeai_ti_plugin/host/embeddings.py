@@ -22,11 +22,11 @@ from ..training.embedding_file import (
     save_vectors,
     token_dimension_mismatch,
 )
+from ..training.run_folder import SUMMARY_FILENAME
 from .model_db import HostModels
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_FILENAME = "embedding.json"
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,11 @@ def install_embedding(
     previous = _records_replaced_by(models, name, base, target, legacy)  # a clash: nothing written
     metadata = {"name": name, "base": base, "token_dimension": str(vectors.token_dim)}
     save_vectors(target, vectors, metadata)
-    write_json_atomically(folder / SIDECAR_FILENAME, {**facts, **metadata})
+    write_json_atomically(folder / SUMMARY_FILENAME, {**facts, **metadata})
     registered = _register(models, target.resolve(), name, base, previous)
     if any(models.absolute(record.path).resolve() == legacy.resolve() for record in previous):
         legacy.unlink(missing_ok=True)
-        (legacy.parent / SIDECAR_FILENAME).unlink(missing_ok=True)
+        (legacy.parent / SUMMARY_FILENAME).unlink(missing_ok=True)
     return registered
 
 

@@ -22,9 +22,8 @@ from ..training.embedding_file import (
     EmbeddingVectors,
     read_embedding_vectors,
 )
-from ..training.run_folder import MARKER_FILENAME
+from ..training.run_folder import MARKER_FILENAME, SUMMARY_FILENAME
 from .embeddings import (
-    SIDECAR_FILENAME,
     check_fits_model,
     embedding_records,
     register_embedding_file,
@@ -108,7 +107,7 @@ def _sidecar(file: Path) -> dict[str, Any]:
     if file.name != EMBEDDING_FILENAME:
         return {}
     try:
-        facts = json.loads((file.parent / SIDECAR_FILENAME).read_text())
+        facts = json.loads((file.parent / SUMMARY_FILENAME).read_text())
     except (OSError, ValueError):
         return {}
     return facts if isinstance(facts, dict) else {}

@@ -65,10 +65,6 @@ def checkpoints_root(output_dir: Path) -> Path:
     return RunFolder(output_dir).checkpoints
 
 
-def checkpoint_folder(output_dir: Path, step: int) -> Path:
-    return RunFolder(output_dir).checkpoint(step)
-
-
 def _rng_filename(process_index: int) -> str:
     return f"random_state_{process_index}.pt"
 
@@ -97,14 +93,12 @@ class TrainingSnapshot:
     facts: dict[str, Any]
 
 
-def begin_checkpoint(output_dir: Path, step: int) -> Path:
-    """Create the temporary folder all processes write into (main process only)."""
-    folder = RunFolder(output_dir)
-    temp = folder.partial(folder.checkpoint(step))
+def begin_checkpoint(temp: Path) -> None:
+    """Create the empty temporary folder all processes write into (main process only); a
+    leftover of an interrupted attempt is cleared first."""
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir(parents=True)
-    return temp
 
 
 def save_process_state(temp: Path, process_index: int, state: dict[str, Any]) -> None:
@@ -113,8 +107,8 @@ def save_process_state(temp: Path, process_index: int, state: dict[str, Any]) ->
         _write_torch(state, temp / _rng_filename(process_index))
 
 
-def finish_checkpoint(temp: Path, output_dir: Path, snapshot: TrainingSnapshot) -> Path:
-    """Write the shared state, then publish the folder under its final name (main process)."""
+def finish_checkpoint(temp: Path, final: Path, snapshot: TrainingSnapshot) -> None:
+    """Write the shared state, then publish `temp` as `final` (main process)."""
     with _whole_or_absent(temp):
         save_vectors(
             temp / EMBEDDING_FILENAME,
@@ -124,11 +118,9 @@ def finish_checkpoint(temp: Path, output_dir: Path, snapshot: TrainingSnapshot) 
         _write_torch(snapshot.optimizer, temp / OPTIMIZER_FILENAME)
         _write_torch(snapshot.lr_scheduler, temp / SCHEDULER_FILENAME)
         write_json_atomically(temp / STATE_FILENAME, {"step": snapshot.step, **snapshot.facts})
-    final = checkpoint_folder(output_dir, snapshot.step)
     if final.exists():
         shutil.rmtree(final)
     temp.rename(final)
-    return final
 
 
 @contextmanager

@@ -22,6 +22,8 @@ from .embedding_file import EMBEDDING_FILENAME
 
 MARKER_FILENAME = ".invokeai-ti-run.json"
 LOCK_FILENAME = ".invokeai-ti-run.lock"
+# what was trained, beside the embedding: here, and beside its copy in ROOT/embeddings/
+SUMMARY_FILENAME = "embedding.json"
 _MARKER_KIND = "invokeai-ti run folder"
 
 
@@ -41,7 +43,7 @@ class RunFolder:
 
     @property
     def summary(self) -> Path:
-        return self.path / "embedding.json"
+        return self.path / SUMMARY_FILENAME
 
     @property
     def checkpoints(self) -> Path:

@@ -469,11 +469,11 @@ class _Run:
 
     def save_checkpoint(self) -> Path:
         accelerator = self.accelerator
-        out, folder = self.config.out_dir, self.folder
-        temp = folder.partial(folder.checkpoint(self.step))
+        final = self.folder.checkpoint(self.step)
+        temp = self.folder.partial(final)
         if accelerator.is_main_process:
-            folder.take(temp, folder.checkpoint(self.step))
-            begin_checkpoint(out, self.step)
+            self.folder.take(temp, final)
+            begin_checkpoint(temp)
         accelerator.wait_for_everyone()
         save_process_state(temp, accelerator.process_index, self.sampler.state_dict())
         accelerator.wait_for_everyone()
@@ -485,11 +485,11 @@ class _Run:
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 facts={**self._facts(), "images": self.image_record},
             )
-            finish_checkpoint(temp, out, snapshot)
+            finish_checkpoint(temp, final, snapshot)
             self.history.plot(f"{self.config.placeholder_token} on {self.parts.info.folder.name}")
             logger.info("saved checkpoint at step %d", self.step)
         accelerator.wait_for_everyone()
-        return folder.checkpoint(self.step)
+        return final
 
     def _finish(self, completed: bool, checkpoint: Path) -> TrainingResult:
         embedding_path = self.folder.embedding
