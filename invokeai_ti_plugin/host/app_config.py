@@ -6,6 +6,8 @@ must be set on that singleton before anything else of InvokeAI is imported or co
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,9 +16,16 @@ if TYPE_CHECKING:
 
 
 def find_root() -> Path:
-    """InvokeAI's own rule: $INVOKEAI_ROOT, else the active virtualenv's parent, else ~/invokeai."""
+    """InvokeAI's own rule ($INVOKEAI_ROOT, else the active virtualenv's parent, else ~/invokeai),
+    with one step before ~/invokeai: the parent of the virtualenv this Python runs from, when that
+    is an InvokeAI root. So `ROOT/.venv/bin/invokeai-ti`, which the launcher's users run without
+    activating its ROOT/.venv, finds ROOT."""
     from invokeai.app.services.config.config_default import InvokeAIAppConfig
 
+    chosen_by_env = os.environ.get("INVOKEAI_ROOT") or os.environ.get("VIRTUAL_ENV")
+    venv_parent = Path(sys.prefix).parent
+    if not chosen_by_env and sys.prefix != sys.base_prefix and is_host_root(venv_parent):
+        return venv_parent.resolve()
     return InvokeAIAppConfig.find_root()
 
 
