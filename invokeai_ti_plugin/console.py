@@ -11,10 +11,27 @@ from .config import TrainingConfig
 from .errors import UserInputError
 
 if TYPE_CHECKING:  # the trainer imports torch: loaded only once a command needs it
+    from .job import JobResult
     from .training.trainer import ProgressUpdate
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130
+RESUME_ON_THE_COMMAND_LINE = "Continue with --resume_from_checkpoint latest."
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def progress_line(update: ProgressUpdate) -> str:
+    """Step, loss, speed and time left: the form's and the web node's progress text."""
+    speed = f"{1 / update.seconds_per_step:.2f} it/s" if update.seconds_per_step else "- it/s"
+    return (
+        f"step {update.step}/{update.total_steps}   loss {update.loss:.4f}   {speed}   "
+        f"{clock(update.seconds_left)} left"
+    )
 
 
 class ConsoleProgress:
@@ -77,27 +94,31 @@ def train_on_console(config: TrainingConfig) -> int:
     finally:
         progress.close()
     result = outcome.training
-    if not result.main_process:  # the main process reports for all
-        return 0 if result.completed else EXIT_STOPPED
+    if result.main_process:  # the main process reports for all
+        print(outcome_text(outcome, RESUME_ON_THE_COMMAND_LINE))
+    return 0 if result.completed else EXIT_STOPPED
+
+
+def outcome_text(outcome: JobResult, how_to_resume: str) -> str:
+    """What became of the run and its embedding, in the same words on every front end;
+    `how_to_resume` says how this one continues a stopped run."""
+    result = outcome.training
     if not result.completed:
-        print(
-            f"Stopped at step {result.steps}; the embedding so far is in "
-            f"{result.embedding_path}. Continue with --resume_from_checkpoint latest."
+        return (
+            f"Stopped at step {result.steps}, checkpoint saved; the embedding so far is in "
+            f"{result.embedding_path}. {how_to_resume}"
         )
-        return EXIT_STOPPED
-    print(
+    done = (
         f"Embedding for <{result.trigger}> ({result.model.base}, {result.steps} steps): "
         f"{result.embedding_path}"
     )
-    if outcome.registered:
-        registered = outcome.registered
-        print(
-            f"InvokeAI: {registered.verb} <{registered.name}> ({registered.base}); use it "
-            f"in prompts as <{registered.name}>"
-        )
-    else:
-        print(f"InvokeAI: {outcome.note}")
-    return 0
+    registered = outcome.registered
+    if registered is None:
+        return f"{done}\nInvokeAI: {outcome.note}"
+    return (
+        f"{done}\nInvokeAI: {registered.verb} <{registered.name}> ({registered.base}); use it "
+        f"in prompts as <{registered.name}>"
+    )
 
 
 def guarded(prog: str, action: Callable[[], int]) -> int:

@@ -17,30 +17,29 @@ import shutil
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import diffusers
 import torch
 import transformers
 from PIL import Image, ImageDraw, ImageFilter
 
-Base = Literal["sd-1", "sd-2", "sdxl"]
+from .training.bases import CROSS_ATTENTION_DIMS, TOKEN_DIMS, TrainableBase
 
-__all__ = ["Base", "build_tiny_pipeline", "clip_tokenizer_dir", "make_demo_images"]
+__all__ = ["build_tiny_pipeline", "clip_tokenizer_dir", "make_demo_images"]
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_BOS_ID = 49406
 CLIP_EOS_ID = 49407
 CLIP_MAX_LENGTH = 77
 
-# Per base: pipeline class, UNet cross-attention width (what InvokeAI's probe reads),
-# and scheduler prediction type (SD 2.x 768 models are v-prediction).
+# Per base: pipeline class and scheduler prediction type (SD 2.x 768 models are v-prediction);
+# the widths InvokeAI's probe reads are the real ones, from training.bases.
 _PIPELINE_CLASS: dict[str, str] = {
     "sd-1": "StableDiffusionPipeline",
     "sd-2": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
 }
-_CROSS_ATTENTION_DIM: dict[str, int] = {"sd-1": 768, "sd-2": 1024, "sdxl": 2048}
 _PREDICTION_TYPE: dict[str, str] = {"sd-1": "epsilon", "sd-2": "v_prediction", "sdxl": "epsilon"}
 
 # SD-family noise schedule shared by all three bases.
@@ -65,7 +64,7 @@ def clip_tokenizer_dir() -> Path:
     return path
 
 
-def build_tiny_pipeline(path: Path, base: Base = "sd-1", *, seed: int = 0) -> Path:
+def build_tiny_pipeline(path: Path, base: TrainableBase = "sd-1", *, seed: int = 0) -> Path:
     """Write a tiny random-weight diffusers pipeline for ``base`` at ``path`` and return it.
 
     Acts as an on-disk cache: a folder that already holds ``model_index.json`` is
@@ -102,7 +101,7 @@ def build_tiny_pipeline(path: Path, base: Base = "sd-1", *, seed: int = 0) -> Pa
     return path
 
 
-def _check_existing(path: Path, base: Base) -> None:
+def _check_existing(path: Path, base: TrainableBase) -> None:
     """Refuse to hand back a cached pipeline of a different base than asked for."""
     index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
     class_name = index.get("_class_name")
@@ -110,7 +109,7 @@ def _check_existing(path: Path, base: Base) -> None:
     cross = None
     if unet_config.is_file():
         cross = json.loads(unet_config.read_text(encoding="utf-8")).get("cross_attention_dim")
-    if class_name != _PIPELINE_CLASS[base] or cross != _CROSS_ATTENTION_DIM[base]:
+    if class_name != _PIPELINE_CLASS[base] or cross != CROSS_ATTENTION_DIMS[base]:
         found = f"{class_name} (cross_attention_dim={cross})"
         raise ValueError(f"{path} holds a {found}, not a tiny {base} pipeline")
 
@@ -157,9 +156,9 @@ def _vae(seed: int, scaling_factor: float) -> diffusers.AutoencoderKL:
     )
 
 
-def _build_sd(base: Base, seed: int) -> diffusers.StableDiffusionPipeline:
+def _build_sd(base: TrainableBase, seed: int) -> diffusers.StableDiffusionPipeline:
     """SD 1.x (CLIP-L width 768) or SD 2.x (OpenCLIP-H width 1024, v-prediction)."""
-    width = _CROSS_ATTENTION_DIM[base]
+    (width,) = TOKEN_DIMS[base]
     sd2 = base == "sd-2"
     _seeded(seed, 1)
     act = "gelu" if sd2 else "quick_gelu"
@@ -174,7 +173,7 @@ def _build_sd(base: Base, seed: int) -> diffusers.StableDiffusionPipeline:
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=32,
-        cross_attention_dim=width,
+        cross_attention_dim=CROSS_ATTENTION_DIMS[base],
         attention_head_dim=2,  # diffusers' legacy name: this is the number of heads
         use_linear_projection=sd2,
     )
@@ -201,11 +200,12 @@ def _build_sdxl(seed: int) -> diffusers.StableDiffusionXLPipeline:
     """SDXL base: two text encoders (768 + 1280 with projection), text_time conditioning."""
     # Two layers each: SDXL conditions on the penultimate hidden state, which should be a
     # transformer layer's output rather than the bare embeddings.
+    width, width_2 = TOKEN_DIMS["sdxl"]
     _seeded(seed, 1)
-    text_encoder = transformers.CLIPTextModel(_text_config(768, layers=2, act="quick_gelu"))
+    text_encoder = transformers.CLIPTextModel(_text_config(width, layers=2, act="quick_gelu"))
     _seeded(seed, 4)
     text_encoder_2 = transformers.CLIPTextModelWithProjection(
-        _text_config(1280, layers=2, act="gelu", projection_dim=_SDXL_POOLED_DIM)
+        _text_config(width_2, layers=2, act="gelu", projection_dim=_SDXL_POOLED_DIM)
     )
     _seeded(seed, 2)
     unet = diffusers.UNet2DConditionModel(
@@ -218,7 +218,7 @@ def _build_sdxl(seed: int) -> diffusers.StableDiffusionXLPipeline:
         block_out_channels=(32, 64),
         layers_per_block=1,
         norm_num_groups=32,
-        cross_attention_dim=_CROSS_ATTENTION_DIM["sdxl"],
+        cross_attention_dim=CROSS_ATTENTION_DIMS["sdxl"],
         transformer_layers_per_block=1,
         attention_head_dim=2,
         use_linear_projection=True,

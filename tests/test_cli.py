@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import signal
 import subprocess
 from pathlib import Path
@@ -11,6 +13,7 @@ from PIL import Image
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints
+from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 
 from .conftest import COMMAND, cli_args, fails_cleanly, start_training, write_image
 
@@ -46,7 +49,9 @@ def test_help_lists_every_option_of_the_manual() -> None:
     for option in MANUAL_OPTIONS:
         assert option in shown, option
     assert "constant_with_warmup" in shown and "{no,fp16,bf16}" in shown
-    assert "(default: 0.0005)" in shown and "(default: 3000)" in shown
+    assert "(default: 3000)" in shown
+    # the learning rate's default follows --optimizer (argparse wraps the help's lines)
+    assert "Default: 5e-4 with adamw, 1.0 with prodigy" in " ".join(shown.split())
 
 
 @pytest.fixture
@@ -172,10 +177,23 @@ def test_ctrl_c_saves_a_checkpoint_and_the_embedding(
     assert len(history.read_text().splitlines()) == steps_done + 2
 
 
-def test_images_of_a_real_photo_size_train(sd1_model: Path, tmp_path: Path) -> None:
+def test_images_of_a_real_photo_size_train(
+    capsys: pytest.CaptureFixture[str], sd1_model: Path, tmp_path: Path
+) -> None:
+    """Photos of camera sizes, wider than tall, are all read, cropped and scaled to --resolution,
+    and train a finite SD 1 embedding of one vector."""
     data = tmp_path / "photos"
     data.mkdir()
     for index in range(3):
         Image.new("RGB", (300 + index * 10, 200), (index * 60, 80, 160)).save(data / f"{index}.jpg")
     out = tmp_path / "out"
     assert main(cli_args(sd1_model, data, out, "--center_crop", "--resolution=64")) == 0
+    assert "skipping" not in capsys.readouterr().err  # every photo was readable
+    assert "3 images at 64 px" in (out / "logs" / "train.log").read_text()
+    summary = json.loads((out / "embedding.json").read_text())
+    assert (summary["resolution"], summary["steps"], summary["base"]) == (64, 2, "sd-1")
+    lines = (out / "logs" / "history.jsonl").read_text().splitlines()
+    history = [json.loads(line) for line in lines]
+    assert len(history) == 2 and all(math.isfinite(entry["loss"]) for entry in history)
+    stored = read_embedding_vectors(out / "learned_embeds.safetensors")  # checks it is finite
+    assert stored.base("trained") == "sd-1" and stored.tensors["emb_params"].shape == (1, 768)

@@ -19,17 +19,16 @@ from safetensors.torch import save_file
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.errors import UserInputError
+from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.embeddings import register_embedding_file
 from invokeai_ti_plugin.host.model_db import open_host_models
-from invokeai_ti_plugin.host.startup import sync_embeddings
 from invokeai_ti_plugin.training.embedding_file import (
     EmbeddingVectors,
     read_embedding_vectors,
     save_vectors,
 )
 
-from .conftest import host_records
-from .test_host import _save, _train_args
+from .conftest import host_cli_args, host_records, save_tensors
 
 CLIMBING = ["..", ".", "..."]
 EMBEDS = "learned_embeds.safetensors"
@@ -66,7 +65,7 @@ def test_a_trigger_of_dots_is_refused_before_anything_is_written(
     name: str,
 ) -> None:
     before = _files(tmp_path)
-    args = _train_args(host_root, object_images, "tiny-sd-1", f"--placeholder_token=<{name}>")
+    args = host_cli_args(host_root, object_images, "tiny-sd-1", f"--placeholder_token=<{name}>")
     assert main(args) == 2
     assert "--placeholder_token" in _one_line_error(capsys)
     assert _files(tmp_path) == before
@@ -114,7 +113,7 @@ def test_import_refuses_a_name_of_dots_from_the_file(
 def test_import_refuses_a_name_of_dots_given_with_name(
     capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path, name: str
 ) -> None:
-    file = _save(tmp_path / "fine.safetensors", {"emb_params": torch.randn(1, 768)})
+    file = save_tensors(tmp_path / "fine.safetensors", {"emb_params": torch.randn(1, 768)})
     before = _files(tmp_path)
     assert main(["import", str(file), f"--root={host_root}", f"--name={name}"]) == 2
     assert f"{name!r} cannot name an embedding" in _one_line_error(capsys)
@@ -129,7 +128,7 @@ def test_a_name_folder_that_links_outside_is_refused(
     elsewhere.mkdir()
     (host_root / "embeddings").mkdir(exist_ok=True)
     (host_root / "embeddings" / "linked").symlink_to(elsewhere)
-    file = _save(tmp_path / "fine.safetensors", {"emb_params": torch.randn(1, 768)})
+    file = save_tensors(tmp_path / "fine.safetensors", {"emb_params": torch.randn(1, 768)})
     assert main(["import", str(file), f"--root={host_root}", "--name=linked"]) == 2
     assert "leads outside" in _one_line_error(capsys)
     assert list(elsewhere.iterdir()) == []
@@ -157,8 +156,8 @@ def _host_picks(root: Path, name: str, base: str) -> Path:
 def test_one_name_on_two_bases_keeps_both_and_only_the_same_base_is_updated(
     capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path
 ) -> None:
-    sd1 = _save(tmp_path / "a.safetensors", {"emb_params": torch.randn(2, 768)})
-    xl = _save(
+    sd1 = save_tensors(tmp_path / "a.safetensors", {"emb_params": torch.randn(2, 768)})
+    xl = save_tensors(
         tmp_path / "b.safetensors", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}
     )
     assert main(["import", str(sd1), f"--root={host_root}", "--name=dup"]) == 0
@@ -175,7 +174,7 @@ def test_one_name_on_two_bases_keeps_both_and_only_the_same_base_is_updated(
     xl_bytes = _stored(host_root, "dup", "sdxl").read_bytes()
     xl_key = {r.base.value: r.key for r in host_records(host_root)}["sdxl"]
 
-    again = _save(tmp_path / "c.safetensors", {"emb_params": torch.randn(3, 768)})
+    again = save_tensors(tmp_path / "c.safetensors", {"emb_params": torch.randn(3, 768)})
     assert main(["import", str(again), f"--root={host_root}", "--name=dup"]) == 0
     assert "InvokeAI: updated <dup> (sd-1)" in capsys.readouterr().out
     assert _records(host_root) == {("dup", "sd-1"), ("dup", "sdxl")}
@@ -189,7 +188,7 @@ def test_training_one_trigger_on_two_bases_keeps_both(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
 ) -> None:
     def train(model: str, run: str, seed: int) -> str:
-        args = _train_args(host_root, object_images, model, "--placeholder_token=<dup>")
+        args = host_cli_args(host_root, object_images, model, "--placeholder_token=<dup>")
         assert main([*args, f"--output_dir={tmp_path / run}", f"--seed={seed}"]) == 0
         return capsys.readouterr().out
 
@@ -226,7 +225,7 @@ def test_the_layout_of_earlier_versions_is_read_and_replaced_only_on_its_own_bas
     old_sd1 = _legacy(host_root, "dup", {"emb_params": torch.randn(1, 768)}, "sd-1")
     old_sd2 = _legacy(host_root, "wide", {"emb_params": torch.randn(1, 1024)}, "sd-2")
     sd2_bytes = old_sd2.read_bytes()
-    new = _save(tmp_path / "new.safetensors", {"emb_params": torch.randn(2, 768)})
+    new = save_tensors(tmp_path / "new.safetensors", {"emb_params": torch.randn(2, 768)})
 
     assert main(["import", str(new), f"--root={host_root}", "--name=dup"]) == 0
     assert main(["import", str(new), f"--root={host_root}", "--name=wide"]) == 0
@@ -259,12 +258,12 @@ def test_startup_names_files_of_each_layout_and_registers_each_once(host_root: P
         sidecar = {"name": "dup", "base": base, "token_dimension": str(dim)}
         (folder / "dup" / base / "embedding.json").write_text(json.dumps(sidecar))
     (folder / "plain" / "sd-2").mkdir(parents=True)  # our layout, without its embedding.json
-    _save(folder / "plain" / "sd-2" / EMBEDS, {"emb_params": torch.randn(1, 1024)})
+    save_tensors(folder / "plain" / "sd-2" / EMBEDS, {"emb_params": torch.randn(1, 1024)})
     (folder / "sd-1").mkdir()  # a user's own folder per base: a base never names an embedding
-    loose = _save(folder / "sd-1" / "loose.safetensors", {"emb_params": torch.randn(1, 768)})
+    loose = save_tensors(folder / "sd-1" / "loose.safetensors", {"emb_params": torch.randn(1, 768)})
     (folder / "zz-link.safetensors").symlink_to(loose)  # the same file again
     (folder / "evil").mkdir()
-    _save(folder / "evil" / EMBEDS, {"emb_params": torch.randn(1, 768)})
+    save_tensors(folder / "evil" / EMBEDS, {"emb_params": torch.randn(1, 768)})
     (folder / "evil" / "embedding.json").write_text(json.dumps({"name": ".."}))
 
     with open_host_models(host_root) as models:
@@ -312,7 +311,7 @@ def test_broken_vectors_are_refused_at_import_and_at_startup(
     capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path, kind: str
 ) -> None:
     make, reason = BROKEN[kind]
-    file = _save(tmp_path / f"{kind}.safetensors", make())
+    file = save_tensors(tmp_path / f"{kind}.safetensors", make())
     assert main(["import", str(file), f"--root={host_root}"]) == 2
     assert reason in _one_line_error(capsys)
     assert _files(host_root / "embeddings") == {}
@@ -330,7 +329,7 @@ def test_broken_vectors_are_refused_at_import_and_at_startup(
 
 
 def test_a_prompt_full_of_vectors_is_still_accepted(host_root: Path, tmp_path: Path) -> None:
-    file = _save(tmp_path / "full.safetensors", {"emb_params": torch.randn(75, 768)})
+    file = save_tensors(tmp_path / "full.safetensors", {"emb_params": torch.randn(75, 768)})
     assert main(["import", str(file), f"--root={host_root}"]) == 0
     assert read_embedding_vectors(_stored(host_root, "full", "sd-1")).num_vectors == 75
 
@@ -348,7 +347,7 @@ def test_too_many_vectors_is_a_validation_error(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
 ) -> None:
     before = _files(tmp_path)
-    assert main(_train_args(host_root, object_images, "tiny-sd-1", "--num_vectors=76")) == 2
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1", "--num_vectors=76")) == 2
     assert "--num_vectors: must be at most 75" in _one_line_error(capsys)
     assert _files(tmp_path) == before
 

@@ -299,8 +299,8 @@ def test_files_the_host_cannot_load_itself_are_not_registered_in_place(host_root
     """Dropped into ROOT/embeddings/, a ParameterDict pickle or a safetensors file named .pt
     would be registered and then fail in the host's own loader (weights_only, reader chosen by
     the file name); start-up refuses them, and import brings them in."""
+    from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
     from invokeai_ti_plugin.host.model_db import open_host_models
-    from invokeai_ti_plugin.host.startup import sync_embeddings
 
     folder = host_root / "embeddings"
     folder.mkdir()

@@ -23,11 +23,10 @@ from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.errors import UserInputError
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints, load_checkpoint, resume_point
-from invokeai_ti_plugin.training.embedding_file import load_embedding
 from invokeai_ti_plugin.training.run_folder import MARKER_FILENAME
 from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
 
-from .conftest import COMMAND, cli_args, host_records, one_error_line
+from .conftest import COMMAND, cli_args, embedding_vectors, host_records, one_error_line
 
 MakeConfig = Callable[..., TrainingConfig]
 
@@ -114,7 +113,7 @@ def test_output_folder_inside_the_data_folder_resumes_without_its_own_files(
     make_config: MakeConfig, object_images: Path, tmp_path: Path
 ) -> None:
     whole = make_config(max_train_steps=4, checkpointing_steps=1, output_dir=tmp_path / "whole")
-    expected, _ = load_embedding(Trainer(whole).run().embedding_path)
+    expected = embedding_vectors(Trainer(whole).run().embedding_path)
 
     shared = tmp_path / "shared"  # --output_dir == --train_data_dir
     shutil.copytree(object_images, shared)
@@ -127,7 +126,7 @@ def test_output_folder_inside_the_data_folder_resumes_without_its_own_files(
         update={"resume_from_checkpoint": "latest", "max_train_steps": 4, "overwrite": False}
     )
     result = Trainer(resumed).run()
-    got, _ = load_embedding(result.embedding_path)
+    got = embedding_vectors(result.embedding_path)
     assert torch.equal(got, expected)  # loss.png was never a training image
     state = json.loads((result.checkpoint / "trainer_state.json").read_text())
     assert "loss.png" not in state["images"] and len(state["images"]) == 4
@@ -234,7 +233,7 @@ def test_resume_after_a_damaged_checkpoint_and_a_torn_log_ends_as_if_never_stopp
     make_config: MakeConfig, tmp_path: Path
 ) -> None:
     whole = make_config(max_train_steps=4, checkpointing_steps=1, output_dir=tmp_path / "whole")
-    expected, _ = load_embedding(Trainer(whole).run().embedding_path)
+    expected = embedding_vectors(Trainer(whole).run().embedding_path)
     parted = whole.model_copy(update={"output_dir": tmp_path / "parted"})
     _stop_at(Trainer(parted), 3).run()
     newest = list_checkpoints(parted.out_dir)[-1]
@@ -244,7 +243,7 @@ def test_resume_after_a_damaged_checkpoint_and_a_torn_log_ends_as_if_never_stopp
         history.write('{"step": 4, "loss": 0.12')  # a crash in the middle of a line
 
     result = Trainer(parted.model_copy(update={"resume_from_checkpoint": "latest"})).run()
-    got, _ = load_embedding(result.embedding_path)
+    got = embedding_vectors(result.embedding_path)
     assert torch.equal(got, expected)
     assert _losses(parted.out_dir) == _losses(whole.out_dir)
     assert load_checkpoint(list_checkpoints(parted.out_dir)[-1]).snapshot.step == 4
@@ -273,7 +272,7 @@ def test_after_a_divergence_a_lower_rate_resumes_from_the_last_checkpoint(
     make_config: MakeConfig, tmp_path: Path
 ) -> None:
     whole = make_config(max_train_steps=6, checkpointing_steps=2, output_dir=tmp_path / "whole")
-    expected, _ = load_embedding(Trainer(whole).run().embedding_path)
+    expected = embedding_vectors(Trainer(whole).run().embedding_path)
     parted = whole.model_copy(update={"output_dir": tmp_path / "parted"})
     _stop_at(Trainer(parted), 2).run()
     too_fast = parted.model_copy(update={"resume_from_checkpoint": "latest", "learning_rate": 1e30})
@@ -282,7 +281,7 @@ def test_after_a_divergence_a_lower_rate_resumes_from_the_last_checkpoint(
     assert [p.name for p in list_checkpoints(parted.out_dir)] == ["checkpoint-2"]
 
     result = Trainer(too_fast.model_copy(update={"learning_rate": whole.learning_rate})).run()
-    got, _ = load_embedding(result.embedding_path)
+    got = embedding_vectors(result.embedding_path)
     assert torch.equal(got, expected)  # the divergence left no trace
     assert _losses(parted.out_dir) == _losses(whole.out_dir)
 
@@ -340,7 +339,7 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(
     ]
     reference = tmp_path / "reference"
     assert main(cli_args(sd1_model, object_images, reference, *options)) == 0
-    expected, _ = load_embedding(reference / "learned_embeds.safetensors")
+    expected = embedding_vectors(reference / "learned_embeds.safetensors")
     rng = random.Random(20240611)
     for trial in range(trials):
         out = tmp_path / f"trial-{trial}"
@@ -354,6 +353,6 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(
 
         resumed = [*args, "--resume_from_checkpoint=latest"]
         assert main(resumed) == 0, f"trial {trial}: resume failed"
-        got, _ = load_embedding(out / "learned_embeds.safetensors")
+        got = embedding_vectors(out / "learned_embeds.safetensors")
         assert torch.equal(got, expected), f"trial {trial} (killed at {moment})"
         assert _losses(out) == _losses(reference), f"trial {trial}"

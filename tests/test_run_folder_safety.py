@@ -15,9 +15,9 @@ from invokeai_ti_plugin.atomic_files import write_atomically
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.errors import UserInputError
+from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
-from invokeai_ti_plugin.host.startup import sync_embeddings
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import (
     EmbeddingVectors,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserInputError
-from ..training.embedding_file import BASES, read_embedding_vectors, save_vectors
+from ..training.bases import TRAINABLE_BASES
+from ..training.embedding_file import read_embedding_vectors, save_vectors
 from .embeddings import check_prompt_name, embedding_records
 from .model_db import open_host_models
 
@@ -33,8 +34,9 @@ def export_embedding(
     """Write InvokeAI's embedding `name` (of `base`, where it has several) as
     folder/NAME.safetensors."""
     check_prompt_name(name)
-    if base is not None and base not in BASES:
-        raise UserInputError(f"must be one of {', '.join(BASES)} (got {base!r})", option="base")
+    if base is not None and base not in TRAINABLE_BASES:
+        choices = ", ".join(TRAINABLE_BASES)
+        raise UserInputError(f"must be one of {choices} (got {base!r})", option="base")
     target = folder / f"{name}.safetensors"
     if target.exists() and not overwrite:
         raise UserInputError(f"{target} exists already; pass --overwrite to replace it")

@@ -26,6 +26,7 @@ from ..atomic_files import write_atomically
 from ..config import MAX_VECTORS
 from ..errors import UserInputError
 from .a1111_image import TEXT_CHUNK, NoEmbeddingInImage, read_image_embedding
+from .bases import TOKEN_DIMS, TRAINABLE_BASES, base_of_token_dims, token_dims_text
 from .foreign_embeddings import (
     NotAnEmbedding,
     bundled_layouts,
@@ -39,8 +40,7 @@ EMBEDDING_KEY = "emb_params"
 EMBEDDING_FILENAME = "learned_embeds.safetensors"
 EMBEDDING_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".ckpt"})  # what InvokeAI loads
 SDXL_KEYS = ("clip_l", "clip_g")
-_BASE_BY_DIM = {768: "sd-1", 1024: "sd-2"}
-BASES = (*_BASE_BY_DIM.values(), "sdxl")
+BASES = TRAINABLE_BASES  # the bases an embedding can have (host/embedding_sync.py reads it)
 # 75 SDXL vectors in fp32 take 600 KB; a file declaring far more is refused before it is loaded
 MAX_EMBEDDING_BYTES = 16 * 2**20
 MAX_METADATA_CHARS = 2**16  # longer values (a kohya modelspec thumbnail is an image) are dropped
@@ -57,13 +57,15 @@ class EmbeddingVectors:
     metadata: dict[str, str] = field(default_factory=dict)  # what the source says about itself
 
     @property
-    def is_sdxl(self) -> bool:
-        return set(self.tensors) == set(SDXL_KEYS)
+    def token_dims(self) -> tuple[int, ...]:
+        """The width of each text encoder's vectors, in encoder order (`clip_l`, `clip_g`)."""
+        keys = [key for key in (EMBEDDING_KEY, *SDXL_KEYS) if key in self.tensors]
+        return tuple(int(self.tensors[key].shape[1]) for key in keys)
 
     @property
     def token_dim(self) -> int:
         """The width InvokeAI probes: the only tensor's, or SDXL's larger `clip_g`."""
-        return int(self.tensors["clip_g" if self.is_sdxl else EMBEDDING_KEY].shape[1])
+        return self.token_dims[-1]
 
     @property
     def num_vectors(self) -> int:
@@ -71,15 +73,13 @@ class EmbeddingVectors:
 
     def base(self, source: str) -> str:
         """sd-1, sd-2 or sdxl; any other shape fits no model InvokeAI can use it with."""
-        if self.is_sdxl:
-            if self.tensors["clip_l"].shape[1] == 768 and self.token_dim == 1280:
-                return "sdxl"
-        elif self.token_dim in _BASE_BY_DIM:
-            return _BASE_BY_DIM[self.token_dim]
+        base = base_of_token_dims(self.token_dims)
+        if base is not None:
+            return base
         shapes = ", ".join(f"{key} {list(t.shape)}" for key, t in self.tensors.items())
         raise UserInputError(
             f"{source} has token vectors of shape {shapes}, which fit no Stable Diffusion base "
-            "(768: SD 1.x, 1024: SD 2.x, clip_l 768 + clip_g 1280: SDXL)"
+            f"(widths by base: {token_dims_text()})"
         )
 
 
@@ -117,14 +117,6 @@ def save_vectors(path: Path, vectors: EmbeddingVectors, metadata: dict[str, str]
     # bytes written by Python, not by safetensors' writer, so a full disk is an OSError
     everything = {**vectors.metadata, **metadata}
     write_atomically(path, lambda temp: temp.write_bytes(save(tensors, everything)))
-
-
-def load_embedding(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """The [n, d] vectors and metadata of a file this trainer wrote."""
-    with safe_open(str(path), framework="pt") as file:
-        if EMBEDDING_KEY not in file.keys():  # noqa: SIM118 - safe_open has no __contains__
-            raise UserInputError(f"{path} holds no {EMBEDDING_KEY!r} tensor; not our embedding")
-        return file.get_tensor(EMBEDDING_KEY), dict(file.metadata() or {})
 
 
 def read_embedding_vectors(path: Path) -> EmbeddingVectors:
@@ -174,7 +166,7 @@ def read_sdxl_halves(path: Path) -> tuple[tuple[Path, Path], EmbeddingVectors] |
         first, second = (read_embedding_vectors(half) for half in halves)
     except NotAnEmbedding:  # a NAME_2 beside NAME that is something else: no pair
         return None
-    if first.is_sdxl or second.is_sdxl or (first.token_dim, second.token_dim) != (768, 1280):
+    if first.token_dims + second.token_dims != TOKEN_DIMS["sdxl"]:
         return None
     tensors = {"clip_l": first.tensors[EMBEDDING_KEY], "clip_g": second.tensors[EMBEDDING_KEY]}
     vectors = EmbeddingVectors(

@@ -33,9 +33,6 @@ class LatentCache:
     def complete(self) -> bool:
         return bool(self.encoded.all())
 
-    def encode_all(self) -> None:
-        self._encode(self.encoded.logical_not().nonzero().tolist())
-
     @torch.no_grad()
     def _encode(self, pairs: list[list[int]]) -> None:
         """Encode (image, flipped) variants one at a time, so each latent is the same bits

@@ -34,16 +34,13 @@ class TextConditioning:
             for tokenizer in tokenizers
         ]
 
-    @property
-    def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
-
     def encode(
         self, prompt_rows: torch.Tensor, time_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """Hidden states for the UNet, and SDXL's added conditions (None for SD 1/2)."""
+        """Hidden states for the UNet, and SDXL's added conditions (None for SD 1/2): one text
+        encoder conditions by its last hidden state, SDXL's two as described above."""
         rows = prompt_rows.to(self.prompt_ids[0].device)
-        if not self.is_sdxl:
+        if len(self.text_encoders) == 1:
             return self.text_encoders[0](self.prompt_ids[0][rows])[0], None
         outputs = [
             encoder(ids[rows], output_hidden_states=True)

@@ -21,16 +21,16 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Button, ContentSwitcher, Footer, Static
 
-from ..config import TrainingConfig
-from ..console import EXIT_BAD_INPUT, EXIT_STOPPED, setup_logging
+from ..config import TrainingConfig, build_config
+from ..console import EXIT_BAD_INPUT, EXIT_STOPPED, outcome_text, setup_logging
 from ..errors import UserInputError
 from ..host.installed_models import InstalledModel, installed_models_at
 from ..job import run_job
 from ..training.trainer import Trainer
-from .checks import FormProblems, check_vocabulary, validated_config
+from .checks import check_vocabulary
 from .fields import MODEL
 from .form import TrainingForm
-from .progress import ProgressPanel, outcome_text
+from .progress import RESUME_IN_THE_FORM, ProgressPanel
 from .run_messages import (
     LogToScreen,
     RunFinished,
@@ -137,9 +137,9 @@ class TrainingApp(App[None]):
         """Build the one `TrainingConfig` from the form; train it in a thread if it is valid."""
         form = self.query_one(TrainingForm)
         try:
-            config = validated_config(form.options())
-        except FormProblems as problems:
-            form.show_problems(problems)
+            config = build_config(form.options())
+        except UserInputError as error:
+            form.show_problems(error)
             return
         model = form.chosen_model()
         assert model is not None  # the config has a model, and only the list gives one
@@ -152,17 +152,16 @@ class TrainingApp(App[None]):
     def _run(self, config: TrainingConfig, model: InstalledModel) -> None:
         """The worker thread: check the vocabulary, train, register."""
         try:
-            check_vocabulary(config, model.path)
+            if model.format == "diffusers":  # a checkpoint's tokenizer is checked as it loads
+                check_vocabulary(config, model.path)
             self.post_message(RunStarted(config, model.name))
             outcome = run_job(
                 config,
                 on_progress=lambda update: self.post_message(RunProgressed(update)),
                 on_start=self._trainer_ready,
             )
-        except FormProblems as problems:
-            self.post_message(RunRefused(problems))
         except UserInputError as error:
-            self.post_message(RunRefused(FormProblems.of(error)))
+            self.post_message(RunRefused(error))
         else:
             self.post_message(RunFinished(outcome))
 
@@ -210,17 +209,18 @@ class TrainingApp(App[None]):
         ends the run's screen."""
         if self.steps_seen:
             self.exit_status = EXIT_BAD_INPUT
-            self.query_one(ProgressPanel).finish(f"Error: {message.problems}", failed=True)
+            self.query_one(ProgressPanel).finish(f"Error: {message.error}", failed=True)
             self._enter("done")
         else:
             self._enter("form")
-            self.query_one(TrainingForm).show_problems(message.problems)
+            self.query_one(TrainingForm).show_problems(message.error)
         self._end_if_quitting()
 
     def on_run_finished(self, message: RunFinished) -> None:
         self.exit_status = 0 if message.outcome.training.completed else EXIT_STOPPED
         steps = message.outcome.training.steps
-        self.query_one(ProgressPanel).finish(outcome_text(message.outcome), False, steps)
+        text = outcome_text(message.outcome, RESUME_IN_THE_FORM)
+        self.query_one(ProgressPanel).finish(text, False, steps)
         self._enter("done")
         self._end_if_quitting()
 

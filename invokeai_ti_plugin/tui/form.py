@@ -18,13 +18,13 @@ from textual.widgets import Button, Checkbox, Input, Label, OptionList, Select, 
 from textual.widgets.option_list import Option
 
 from ..config import trigger_folders, trigger_of
+from ..errors import UserInputError, option_message
 from ..host.installed_models import InstalledModel
 from .autofill import Follower, has_checkpoint, native_resolution
-from .checks import OTHER, FormProblems
 from .fields import FIELDS, MODEL, FormField, WidgetValue, initial_value, option_value
 
 MODEL_HELP = (
-    "The base model: the diffusers models installed in InvokeAI. Move with the arrow keys. "
+    "The base model: the models installed in InvokeAI. Move with the arrow keys. "
     "An embedding only works with models of the same base (SD 1.x, SD 2.x, ...) as this one."
 )
 FieldWidget = Input | Checkbox | Select[str]
@@ -111,7 +111,7 @@ class TrainingForm(Vertical):
         self.query_one(f"#{MODEL}", OptionList).highlighted = (chosen or trainable or [None])[0]
         if not trainable:
             self.show_problems(
-                FormProblems({MODEL: f"none of the models installed in {self.root} can be trained"})
+                UserInputError(f"none of the models installed in {self.root} can be trained", MODEL)
             )
         self._update_warmup(self._value("lr_scheduler"))
         self._fill_from_trigger(str(self._value("placeholder_token")))
@@ -141,19 +141,19 @@ class TrainingForm(Vertical):
             options[field.name] = option_value(field, self._value(field.name))
         return {name: value for name, value in options.items() if value is not None}
 
-    def show_problems(self, problems: FormProblems | None) -> None:
+    def show_problems(self, error: UserInputError | None) -> None:
         """Each message beside its field (the first one focused); the rest on the status line."""
         for problem in self.query(".problem").results(Static):
             problem.update("")
             problem.remove_class("-shown")
-        found = problems.problems if problems else {}
+        found = error.problems if error else {}
         others = []
         for name, text in found.items():
             if self.query(f"#{name}-problem"):
                 self.query_one(f"#{name}-problem", Static).update(text)
                 self.query_one(f"#{name}-problem").add_class("-shown")
             else:
-                others.append(f"--{name}: {text}" if name != OTHER else text)
+                others.append(option_message(name, text))
         marked = [name for name in (MODEL, *(f.name for f in FIELDS)) if name in found]
         summary = "Please correct the fields marked in red. " if marked else ""
         self.set_status(summary + " ".join(others))

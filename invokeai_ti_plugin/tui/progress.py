@@ -11,49 +11,12 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
 
 from ..config import TrainingConfig
-from ..job import JobResult
+from ..console import progress_line
 from ..training.run_folder import RunFolder
 from ..training.trainer import ProgressUpdate
 
 LOG_LINES = 200
-
-
-def newest_sample(output_dir: Path) -> Path | None:
-    grids = list(RunFolder(output_dir).samples.glob("*.png"))
-    return max(grids, key=lambda path: path.stat().st_mtime_ns) if grids else None
-
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def progress_line(update: ProgressUpdate) -> str:
-    speed = f"{1 / update.seconds_per_step:.2f} it/s" if update.seconds_per_step else "- it/s"
-    return (
-        f"step {update.step}/{update.total_steps}   loss {update.loss:.4f}   {speed}   "
-        f"{clock(update.seconds_left)} left"
-    )
-
-
-def outcome_text(outcome: JobResult) -> str:
-    """What became of the run and its embedding, in the words of the command line."""
-    result = outcome.training
-    if not result.completed:
-        return (
-            f"Stopped at step {result.steps}, checkpoint saved; the embedding so far is in "
-            f"{result.embedding_path}. To continue, open the form again with Resume ticked."
-        )
-    done = f"Finished <{result.trigger}> ({result.model.base}, {result.steps} steps): "
-    done += str(result.embedding_path)
-    registered = outcome.registered
-    if registered is None:
-        return f"{done}\nInvokeAI: {outcome.note}"
-    return (
-        f"{done}\nInvokeAI: {registered.verb} <{registered.name}> ({registered.base}); use it "
-        f"in prompts as <{registered.name}>"
-    )
+RESUME_IN_THE_FORM = "To continue, open the form again with Resume ticked."
 
 
 class ProgressPanel(Vertical):
@@ -106,7 +69,7 @@ class ProgressPanel(Vertical):
         self._show_sample()
 
     def _show_sample(self) -> None:
-        sample = newest_sample(self.output_dir) if self.output_dir else None
+        sample = RunFolder(self.output_dir).newest_sample() if self.output_dir else None
         self.query_one("#sample", Static).update(f"Latest samples: {sample}" if sample else "")
 
     def log_line(self, line: str) -> None:

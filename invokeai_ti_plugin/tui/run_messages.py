@@ -9,9 +9,9 @@ from textual.message import Message
 from textual.message_pump import MessagePump
 
 from ..config import TrainingConfig
+from ..errors import UserInputError
 from ..job import JobResult
 from ..training.trainer import ProgressUpdate
-from .checks import FormProblems
 
 
 class RunStarted(Message):
@@ -36,9 +36,9 @@ class RunLogged(Message):
 class RunRefused(Message):
     """Bad input found by the checks or by the run itself."""
 
-    def __init__(self, problems: FormProblems) -> None:
+    def __init__(self, error: UserInputError) -> None:
         super().__init__()
-        self.problems = problems
+        self.error = error
 
 
 class RunFinished(Message):
