@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_models(root: Path) -> int:
-    """Print the diffusers main models of InvokeAI at `root`, trainable ones first."""
+    """Print the main models of InvokeAI at `root`, trainable ones first."""
     from .host.installed_models import installed_models_at
 
     found = installed_models_at(root)

@@ -1,12 +1,18 @@
-"""The diffusers main models installed in InvokeAI, and which of them this trainer can train."""
+"""The main models installed in InvokeAI, and which of them this trainer can train: SD 1.x,
+2.x and SDXL base models, as diffusers folders or single-file checkpoints (InvokeAI's own model
+manager loads both for training, see `model_loading`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..training.model_files import TRAINABLE_BASES
+from ..training.bases import TRAINABLE_BASES
 from .model_db import HostModels
+
+if TYPE_CHECKING:
+    from invokeai.backend.model_manager.configs.factory import AnyModelConfig
 
 
 @dataclass(frozen=True)
@@ -17,20 +23,30 @@ class InstalledModel:
     format: str
     path: Path
     problem: str | None  # why it cannot be trained, or None
+    record: AnyModelConfig = field(repr=False, compare=False)  # the host's own record of it
 
     @property
     def trainable(self) -> bool:
         return self.problem is None
 
 
-def _problem_of(base: str, model_format: str, path: Path) -> str | None:
+def problem_of(record: AnyModelConfig, path: Path) -> str | None:
+    """Why InvokeAI's main model `record` (its files at `path`) cannot be trained, or None."""
+    base, model_format = record.base.value, record.format.value
+    variant = getattr(getattr(record, "variant", None), "value", "normal")
+    if base == "sdxl-refiner":
+        return "an SDXL refiner; train on the SDXL base model (embeddings are used with it)"
     if base not in TRAINABLE_BASES:
         return f"{base} models are not supported (SD 1.x, SD 2.x and SDXL are)"
-    if model_format != "diffusers":
-        return "a single-file checkpoint; convert it to diffusers in InvokeAI's model manager"
-    if not (path / "model_index.json").is_file():
+    if variant != "normal":
+        return f"an {variant} model; train on a normal (text-to-image) model of the same base"
+    if model_format == "diffusers" and not (path / "model_index.json").is_file():
         return f"its files are missing from {path}"
-    return None
+    if model_format == "checkpoint" and not path.is_file():
+        return f"its file {path} is missing"
+    if model_format in ("diffusers", "checkpoint"):
+        return None
+    return f"a {model_format} model; diffusers folders and single-file checkpoints can be trained"
 
 
 def installed_main_models(models: HostModels) -> list[InstalledModel]:
@@ -39,16 +55,16 @@ def installed_main_models(models: HostModels) -> list[InstalledModel]:
 
     found = []
     for record in models.store.search_by_attr(model_type=ModelType.Main):
-        base, model_format = record.base.value, record.format.value
         path = models.absolute(record.path)
         found.append(
             InstalledModel(
                 record.name,
                 record.key,
-                base,
-                model_format,
+                record.base.value,
+                record.format.value,
                 path,
-                _problem_of(base, model_format, path),
+                problem_of(record, path),
+                record,
             )
         )
     return sorted(found, key=lambda model: (not model.trainable, model.name.lower(), model.key))

@@ -1,43 +1,42 @@
 """Reading a diffusers Stable Diffusion folder: what it is, and its parts for training.
 
 `inspect_model` reads only JSON configs, so listing models and choosing defaults stays instant;
-`load_model_parts` loads the weights once the run really starts.
+`load_model_parts` loads the weights once the run really starts. A run takes its model from a
+`ModelSource`: a diffusers folder (`FolderModelSource`, here) or InvokeAI's own model manager
+(`host.model_loading`, which also loads single-file checkpoints).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import UserInputError
-
-Base = Literal["sd-1", "sd-2", "sdxl", "sdxl-refiner"]
-TRAINABLE_BASES: tuple[Base, ...] = ("sd-1", "sd-2", "sdxl")
-
-# The UNet's cross-attention width tells the family apart, as InvokeAI's own probe does.
-_BASE_BY_CROSS_ATTENTION_DIM: dict[int, Base] = {
-    768: "sd-1",
-    1024: "sd-2",
-    2048: "sdxl",
-    1280: "sdxl-refiner",
-}
+from .bases import TRAINABLE_BASES, Base, base_of_unet
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What training needs to know about a model before loading it."""
 
-    folder: Path
+    folder: Path | None  # its diffusers folder; None for a single-file model InvokeAI loads
     base: Base
     token_dims: tuple[int, ...]  # width of each text encoder's tokens (two for SDXL)
     native_resolution: int
     prediction_type: str
+    name: str = ""  # how messages name it; "" for the folder's path
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.folder)
 
     @property
     def is_sdxl(self) -> bool:
@@ -76,7 +75,7 @@ def inspect_model(folder: Path) -> ModelInfo:
         scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     except (OSError, ValueError) as error:
         raise _not_a_pipeline(folder, f"missing or broken config: {error}") from error
-    base = _BASE_BY_CROSS_ATTENTION_DIM.get(int(unet.get("cross_attention_dim", 0) or 0))
+    base = base_of_unet(int(unet.get("cross_attention_dim", 0) or 0))
     if base is None:
         raise _not_a_pipeline(
             folder, f"unknown UNet cross_attention_dim {unet.get('cross_attention_dim')}"
@@ -95,7 +94,7 @@ def require_trainable(info: ModelInfo) -> None:
     """Refuse model families this trainer does not handle yet, with the reason."""
     if info.base not in TRAINABLE_BASES:
         raise UserInputError(
-            f"{info.folder} is an {info.base} model; this version trains embeddings for "
+            f"{info.label} is an {info.base} model; this version trains embeddings for "
             "Stable Diffusion 1.x, 2.x and SDXL base models only",
             option="model",
         )
@@ -111,6 +110,66 @@ class ModelParts:
     text_encoders: list[CLIPTextModel]
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    vae_loader: Callable[[], AutoencoderKL]  # the VAE, from the same source, when it is needed
+
+
+class ModelSource(Protocol):
+    """Where a run gets its model: a diffusers folder, or InvokeAI's model manager."""
+
+    info: ModelInfo
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The precision the model comes in when its loader decides it (InvokeAI does); None
+        when the run may choose."""
+
+    def load_parts(self, dtype: torch.dtype) -> ModelParts:
+        """The frozen parts in `dtype`, held for the run until `close`."""
+
+    def load_vae(self, dtype: torch.dtype) -> AutoencoderKL:
+        """The frozen VAE (float32 for SDXL, whose VAE overflows in float16)."""
+
+    def close(self) -> None:
+        """The run is over: give back what it held, as it was."""
+
+
+class FolderModelSource:
+    """A diffusers pipeline folder, loaded privately for the run."""
+
+    dtype = None
+
+    def __init__(self, folder: Path) -> None:
+        self.info = inspect_model(folder)
+
+    def load_parts(self, dtype: torch.dtype) -> ModelParts:
+        return load_model_parts(self.info, dtype)
+
+    def load_vae(self, dtype: torch.dtype) -> AutoencoderKL:
+        return load_vae(self.info, dtype)
+
+    def close(self) -> None:
+        """Nothing to give back: the parts are the run's own, dropped with it."""
+
+
+def vae_dtype(info: ModelInfo, dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE stays float32: in float16 it overflows (a known SDXL fault)."""
+    return torch.float32 if info.is_sdxl else dtype
+
+
+def freeze_parts(
+    tokenizers: list[CLIPTokenizer], text_encoders: list[CLIPTextModel], unet: torch.nn.Module
+) -> None:
+    """Frozen, in eval mode, pooling at the real end-of-text token: only the new vectors learn.
+
+    Old CLIP configs say eos_token_id=2 and then pool at the highest token id, which becomes the
+    new word's.
+    """
+    for module in (*text_encoders, unet):
+        module.requires_grad_(False)
+        module.eval()
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
+        encoder.config.eos_token_id = tokenizer.eos_token_id
+        text_model(encoder).eos_token_id = tokenizer.eos_token_id
 
 
 def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> ModelParts:
@@ -119,6 +178,8 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
     The VAE is not among them: it only encodes each image once and draws sample grids, so it
     is loaded for that (`load_vae`) and dropped again.
     """
+    if info.folder is None:
+        raise ValueError(f"{info.label} has no diffusers folder to load")
     folder = str(info.folder)
     suffixes = ["", "_2"] if info.is_sdxl else [""]
     encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(suffixes)]
@@ -137,15 +198,9 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load it: {error}") from error
-    for module in (*text_encoders, unet):
-        module.requires_grad_(False)
-        module.eval()
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        # Old CLIP configs say eos_token_id=2 and then pool at the highest token id, which
-        # becomes the new word's; pool at the real end-of-text token instead.
-        encoder.config.eos_token_id = tokenizer.eos_token_id
-        text_model(encoder).eos_token_id = tokenizer.eos_token_id
-    return ModelParts(info, dtype, tokenizers, text_encoders, unet, noise_scheduler)
+    freeze_parts(tokenizers, text_encoders, unet)
+    vae_loader = partial(load_vae, info, dtype)
+    return ModelParts(info, dtype, tokenizers, text_encoders, unet, noise_scheduler, vae_loader)
 
 
 def text_model(encoder: CLIPTextModel) -> torch.nn.Module:
@@ -157,11 +212,12 @@ def text_model(encoder: CLIPTextModel) -> torch.nn.Module:
 
 
 def load_vae(info: ModelInfo, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """The frozen VAE; SDXL's stays float32, as in float16 it overflows (a known SDXL fault)."""
-    vae_dtype = torch.float32 if info.is_sdxl else dtype
+    """The frozen VAE, in `vae_dtype`."""
+    if info.folder is None:
+        raise ValueError(f"{info.label} has no diffusers folder to load")
     try:
         vae = AutoencoderKL.from_pretrained(
-            str(info.folder), subfolder="vae", torch_dtype=vae_dtype
+            str(info.folder), subfolder="vae", torch_dtype=vae_dtype(info, dtype)
         )
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load its VAE: {error}") from error

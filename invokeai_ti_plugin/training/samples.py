@@ -18,7 +18,7 @@ from diffusers import (
 from PIL import Image
 
 from ..atomic_files import write_atomically
-from .model_files import ModelParts, load_vae
+from .model_files import ModelParts
 
 INFERENCE_STEPS = 20
 
@@ -35,7 +35,7 @@ def render_samples(
 ) -> list[Image.Image]:
     """`count` images of `prompt`, seeds seed, seed+1, ...; the VAE is loaded just for this."""
     scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
-    vae = load_vae(parts.info, parts.dtype).to(device)
+    vae = parts.vae_loader().to(device)
     common = {"vae": vae, "unet": parts.unet, "scheduler": scheduler}
     if parts.info.is_sdxl:
         pipeline = StableDiffusionXLPipeline(

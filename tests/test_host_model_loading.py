@@ -1,0 +1,222 @@
+"""Training through InvokeAI's own model manager: single-file checkpoints, shared parts given
+back exactly as they were, the host's precision."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.config import TrainingConfig
+from invokeai_ti_plugin.host.installed_models import find_installed_model
+from invokeai_ti_plugin.host.model_db import open_host_models
+from invokeai_ti_plugin.host.model_loading import host_model_source, standalone_model_loader
+from invokeai_ti_plugin.tiny_single_file import (
+    hub_repo_for,
+    prepare_hub_configs,
+    write_tiny_single_file,
+)
+from invokeai_ti_plugin.training.trainer import Trainer
+
+from .conftest import COMMAND, _cache_dir, fails_cleanly, host_cli_args, host_records
+
+CHECKPOINT_NAME = "tiny-sd-1-file"
+
+
+@pytest.fixture(scope="session")
+def sd1_single_file(sd1_model: Path) -> Path:
+    """The tiny SD 1 pipeline as one original-layout .safetensors, cached beside it."""
+    return write_tiny_single_file(sd1_model, _cache_dir() / "sd-1-single-file.safetensors")
+
+
+def add_checkpoint_record(root: Path, path: Path, name: str, **fields: object) -> str:
+    """Register a single-file main model the way the host stores one; its probe does not take
+    a tiny model for a main model, so the record goes in through the record service."""
+    from invokeai.backend.model_manager.configs.main import (
+        Main_Checkpoint_SD1_Config,
+        Main_Checkpoint_SDXLRefiner_Config,
+    )
+    from invokeai.backend.model_manager.taxonomy import ModelSourceType
+
+    kind = Main_Checkpoint_SDXLRefiner_Config if fields.pop("refiner", False) else None
+    record = (kind or Main_Checkpoint_SD1_Config)(
+        key=f"key-{name}",
+        hash="blake3:tiny",
+        path=str(path),
+        file_size=path.stat().st_size,
+        name=name,
+        source=str(path),
+        source_type=ModelSourceType.Path,
+        prediction_type=fields.pop("prediction_type", "epsilon"),
+        variant=fields.pop("variant", "normal"),
+    )
+    with open_host_models(root) as models:
+        models.store.add_model(record)
+    return record.key
+
+
+def test_single_file_checkpoint_holds_the_pipelines_weights(
+    sd1_model: Path, sd1_single_file: Path
+) -> None:
+    """diffusers reads the written file back (in the original layout) as the very pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_single_file(str(sd1_single_file), config=str(sd1_model))
+    original = StableDiffusionPipeline.from_pretrained(str(sd1_model))
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, part).state_dict(), getattr(original, part).state_dict()
+        assert ours.keys() == theirs.keys(), part
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), part
+    assert hub_repo_for(sd1_single_file) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_list_models_shows_checkpoints_as_trainable(
+    capsys: pytest.CaptureFixture[str], host_root: Path, sd1_single_file: Path, tmp_path: Path
+) -> None:
+    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
+    others = [tmp_path / "inpaint.safetensors", tmp_path / "refiner.safetensors"]
+    for other in others:
+        other.write_bytes(b"listed, never loaded")
+    add_checkpoint_record(host_root, others[0], "tiny-inpaint", variant="inpaint")
+    add_checkpoint_record(host_root, others[1], "tiny-refiner", refiner=True)
+    assert main(["--list-models", f"--root={host_root}"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert str(sd1_single_file) in lines[CHECKPOINT_NAME], lines
+    assert "not trainable: an inpaint model" in lines["tiny-inpaint"]
+    assert "not trainable: an SDXL refiner" in lines["tiny-refiner"]
+    assert "not trainable" not in lines["tiny-sd-1"]
+
+
+def test_a_checkpoint_file_given_by_path_asks_to_install_it(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"\0" * 16)
+    args = [*host_cli_args(host_root, object_images, str(file)), f"--output_dir={out}"]
+    fails_cleanly(capsys, args, "is a single-file checkpoint; add it in InvokeAI's", out)
+
+
+def test_a_checkpoint_cannot_export_a_diffusers_pipeline(
+    capsys: pytest.CaptureFixture[str],
+    host_root: Path,
+    object_images: Path,
+    sd1_single_file: Path,
+    tmp_path: Path,
+) -> None:
+    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
+    out = tmp_path / "out"
+    args = host_cli_args(
+        host_root, object_images, CHECKPOINT_NAME, f"--output_dir={out}", "--no-only_save_embeds"
+    )
+    fails_cleanly(capsys, args, "--no-only_save_embeds saves a diffusers pipeline", out)
+
+
+def _encode(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).last_hidden_state
+
+
+@pytest.mark.slow
+def test_training_through_the_hosts_cache_gives_every_part_back_as_it_was(
+    host_root: Path,
+    make_config,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run trains on the cache's own UNet and text encoder (no second copy), and afterwards
+    the cache hands out the same objects, unchanged: same weights, outputs, vocabulary, flags."""
+    from invokeai.backend.model_manager.taxonomy import SubModelType
+
+    config: TrainingConfig = make_config(
+        model="tiny-sd-1", root=host_root, mixed_precision="bf16", gradient_checkpointing=True
+    )
+    with open_host_models(host_root) as models:
+        (model,) = find_installed_model(models, "tiny-sd-1")
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407]])
+    with standalone_model_loader(host_root) as loader_for:
+        load = loader_for(model.record)
+        encoder = load(SubModelType.TextEncoder).model
+        unet = load(SubModelType.UNet).model
+        tokenizer = load(SubModelType.Tokenizer).model
+        table, vocabulary = encoder.get_input_embeddings(), len(tokenizer)
+        weights, before = table.weight.clone(), _encode(encoder, ids)
+        eos, unet_flags = encoder.config.eos_token_id, [p.requires_grad for p in unet.parameters()]
+        processors = dict(unet.attn_processors)
+
+        trainer = Trainer(config, None, host_model_source(model.record, load))
+        with caplog.at_level(logging.WARNING):
+            result = trainer.run()
+
+        assert result.completed and result.embedding_path.is_file()
+        assert trainer.model_parts is not None
+        assert trainer.model_parts.unet is unet  # shared with the cache, never copied
+        assert trainer.model_parts.text_encoders[0] is encoder
+        assert trainer.model_parts.tokenizers[0] is not tokenizer  # the run's own copy
+        assert trainer.model_parts.dtype == torch.float32  # the host's precision on a CPU
+        assert "InvokeAI loads tiny-sd-1 in float32" in caplog.text
+
+        assert load(SubModelType.TextEncoder).model is encoder
+        assert load(SubModelType.UNet).model is unet
+        assert load(SubModelType.Tokenizer).model is tokenizer
+        assert encoder.get_input_embeddings() is table and torch.equal(table.weight, weights)
+        assert len(tokenizer) == vocabulary and "<striped-ball>" not in tokenizer.get_vocab()
+        assert torch.equal(_encode(encoder, ids), before)
+        assert encoder.config.eos_token_id == eos and not encoder.training
+        assert [p.requires_grad for p in unet.parameters()] == unet_flags
+        assert not unet.is_gradient_checkpointing and dict(unet.attn_processors) == processors
+        assert "forward" not in vars(encoder) and "forward" not in vars(unet)
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_a_single_file_checkpoint(
+    host_root: Path, object_images: Path, sd1_model: Path, sd1_single_file: Path, tmp_path: Path
+) -> None:
+    """Through the host's own single-file loader, offline: diffusers reads the family's configs
+    from the hub cache, where a first online load would have left them."""
+    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
+    hub = tmp_path / "hub"
+    prepare_hub_configs(hub, hub_repo_for(sd1_single_file), sd1_model)
+    args = host_cli_args(host_root, object_images, CHECKPOINT_NAME, "--resolution=64")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (embedding,) = host_records(host_root)
+    assert (embedding.name, embedding.base.value) == ("striped-ball", "sd-1")
+    stored = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
+    assert stored.is_file()
+    summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
+    assert json.loads(summary.read_text())["model"] == CHECKPOINT_NAME
+
+
+@pytest.mark.slow
+def test_sdxl_parts_come_from_the_hosts_cache(host_root: Path) -> None:
+    """Both SDXL tokenizers and text encoders, in the host's order and precision; the VAE is
+    the cache's own where the host loads it in float32 (on a CPU)."""
+    from invokeai.backend.model_manager.taxonomy import SubModelType
+
+    with open_host_models(host_root) as models:
+        (model,) = find_installed_model(models, "tiny-sdxl")
+    with standalone_model_loader(host_root) as loader_for:
+        load = loader_for(model.record)
+        unet = load(SubModelType.UNet).model
+        flags = [p.requires_grad for p in unet.parameters()]
+        assert all(flags)  # as from_pretrained leaves them: training must clear, then restore
+        source = host_model_source(model.record, load)
+        assert (source.info.base, source.info.token_dims) == ("sdxl", (768, 1280))
+        assert source.dtype == torch.float32
+        parts = source.load_parts(torch.float32)
+        vae = source.load_vae(torch.float32)
+        kinds = (SubModelType.TextEncoder, SubModelType.TextEncoder2)
+        assert [id(e) for e in parts.text_encoders] == [id(load(kind).model) for kind in kinds]
+        assert [e.config.hidden_size for e in parts.text_encoders] == [768, 1280]
+        assert len(parts.tokenizers) == 2 and vae is load(SubModelType.VAE).model
+        assert parts.unet is unet and not any(p.requires_grad for p in unet.parameters())
+        source.close()
+        assert [p.requires_grad for p in unet.parameters()] == flags
