@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from .config import TrainingConfig
 from .errors import UserInputError
 from .host.app_config import is_host_root
 from .host.embeddings import RegisteredEmbedding, check_fits_model, install_embedding
-from .host.installed_models import find_installed_model
-from .host.model_db import open_host_models
+from .host.installed_models import InstalledModel, find_installed_model
+from .host.model_db import HostModels, open_host_models
+from .host.model_loading import host_model_source, standalone_model_loader
 from .host.node_pack import install_node_pack
 from .host.running_server import refresh_running_server
 from .training.embedding_file import read_embedding_vectors
+from .training.model_files import ModelSource
 from .training.trainer import ProgressCallback, Trainer, TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -33,18 +36,36 @@ class JobResult:
     note: str  # what happened about registration, for the user
 
 
-def resolve_model_folder(model_name: str, root: Path) -> Path:
-    """`--model` as a diffusers folder: a path as given, else a model installed in InvokeAI."""
+@contextmanager
+def _models_of(root: Path, server: HostModels | None) -> Iterator[HostModels]:
+    """The running server's own model services when inside it, else the root's database."""
+    if server is not None:
+        yield server
+        return
+    with open_host_models(root) as models:
+        yield models
+
+
+def resolve_model(
+    model_name: str, root: Path, server: HostModels | None = None
+) -> Path | InstalledModel:
+    """`--model`: a diffusers folder given by its path, else a model installed in InvokeAI."""
     given = Path(model_name).expanduser()
     if given.is_dir():
         return given
+    if given.is_file():
+        raise UserInputError(
+            f"{model_name} is a single-file checkpoint; add it in InvokeAI's model manager "
+            "first, then pass its name (see `invokeai-ti --list-models`)",
+            option="model",
+        )
     if not is_host_root(root):
         raise UserInputError(
             f"{model_name!r} is not a folder, and there is no InvokeAI installation at {root} "
             "to look it up in; pass a diffusers folder, or set INVOKEAI_ROOT or --root",
             option="model",
         )
-    with open_host_models(root) as models:
+    with _models_of(root, server) as models:
         matches = find_installed_model(models, model_name)
     if not matches:
         raise UserInputError(
@@ -61,21 +82,56 @@ def resolve_model_folder(model_name: str, root: Path) -> Path:
     (model,) = matches
     if model.problem:
         raise UserInputError(f"{model.name} cannot be trained: {model.problem}", option="model")
+    return model
+
+
+def resolve_model_folder(model_name: str, root: Path, server: HostModels | None = None) -> Path:
+    """`--model` where a diffusers folder is needed (to check an import against it)."""
+    model = resolve_model(model_name, root, server)
+    if isinstance(model, Path):
+        return model
+    if model.format != "diffusers":
+        raise UserInputError(
+            f"{model.name} is a single-file checkpoint; pass a diffusers model, or leave out "
+            "--model and InvokeAI checks the embedding when it is used",
+            option="model",
+        )
     return model.path
+
+
+@contextmanager
+def _training_model(
+    config: TrainingConfig, server: HostModels | None, model_source: ModelSource | None
+) -> Iterator[tuple[TrainingConfig, ModelSource | None]]:
+    """The run's model: a diffusers folder given by path trains from its files; an installed
+    model through InvokeAI's model manager (the server's own, passed as `model_source`, or one
+    built on the root as the server builds it), so every model InvokeAI runs can be trained."""
+    if model_source is not None:
+        yield config, model_source
+        return
+    model = resolve_model(config.model, config.root, server)
+    if isinstance(model, Path):
+        yield config.model_copy(update={"model": str(model)}), None
+        return
+    with standalone_model_loader(config.root) as loader_for:
+        yield config, host_model_source(model.record, loader_for(model.record))
 
 
 def run_job(
     config: TrainingConfig,
     on_progress: ProgressCallback | None = None,
     on_start: Callable[[Trainer], object] | None = None,
+    server: HostModels | None = None,
+    model_source: ModelSource | None = None,
 ) -> JobResult:
     """Train and register; `on_start` receives the trainer (a form's Stop button calls
-    `request_stop` on it)."""
-    folder = resolve_model_folder(config.model, config.root)
-    trainer = Trainer(config.model_copy(update={"model": str(folder)}), on_progress)
-    if on_start is not None:
-        on_start(trainer)
-    result = trainer.run()
+    `request_stop` on it). Inside `invokeai-web`, `server` is its own model services and
+    `model_source` the model from its model manager (`host.model_loading.host_model_source`)."""
+    with _training_model(config, server, model_source) as (run_config, source):
+        trainer = Trainer(run_config, on_progress, source)
+        if on_start is not None:
+            on_start(trainer)
+        result = trainer.run()
     if not result.main_process:
         return JobResult(result, None, "registration is the main process's job")
     if not result.completed:
@@ -89,16 +145,22 @@ def run_job(
             f"not registered: no InvokeAI installation at {config.root} (set INVOKEAI_ROOT or "
             "--root)",
         )
-    return JobResult(result, register_trained_embedding(config.root, result), "registered")
+    registered = register_trained_embedding(config.root, result, server)
+    return JobResult(result, registered, "registered")
 
 
-def register_trained_embedding(root: Path, result: TrainingResult) -> RegisteredEmbedding:
-    """Copy the embedding into ROOT/embeddings/<trigger>/<base>/, register it with InvokeAI."""
+def register_trained_embedding(
+    root: Path, result: TrainingResult, server: HostModels | None = None
+) -> RegisteredEmbedding:
+    """Copy the embedding into ROOT/embeddings/<trigger>/<base>/, register it with InvokeAI
+    (from outside a running server, telling it to drop what it cached; inside, the caller
+    does that)."""
     vectors = read_embedding_vectors(result.embedding_path)
     check_fits_model(result.trigger, vectors, result.model.token_dim)
     facts = json.loads(result.summary_path.read_text())
-    with open_host_models(root) as models:
+    with _models_of(root, server) as models:
         install_node_pack(models.root)
         registered = install_embedding(models, result.trigger, vectors, facts)
-        refresh_running_server(models)
+        if server is None:
+            refresh_running_server(models)
     return registered

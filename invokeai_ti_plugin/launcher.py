@@ -1,22 +1,27 @@
 """`invokeai-launcher`: the numbered menu of the InvokeAI 2.3 launcher, with plugin entries.
 
 Keyboard-only and line-based, so it works over SSH. Entries come from the `invokeai.plugins`
-entry points; the node pack that runs plugins inside InvokeAI is installed before the web UI
-starts.
+entry points (each plugin's `menu_entries`: `(label, run)` pairs, see `host/plugins_loader.py`);
+the node pack that runs plugins inside InvokeAI is installed before the web UI starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .config import default_root
-from .plugins import MenuEntry, discover_plugins
+from .host.plugins_loader import ENTRY_POINT_GROUP
+from .plugin import MenuEntry
+
+logger = logging.getLogger(__name__)
 
 
 def _start_web_ui(root: Path) -> int:
@@ -40,10 +45,21 @@ def _developer_console(root: Path) -> int:
     return subprocess.call([os.environ.get("SHELL", "/bin/sh")], env=env)
 
 
+def plugin_menu_entries() -> list[MenuEntry]:
+    """Every installed plugin's entries; a broken plugin is logged and skipped, never fatal."""
+    found = []
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            pairs = getattr(entry.load(), "menu_entries", None) or ()
+            found += [MenuEntry(str(label), run) for label, run in pairs]
+        except Exception as error:  # a third-party plugin failing must not stop the launcher
+            logger.warning("plugin %s could not be loaded: %s", entry.name, error)
+    return found
+
+
 def menu_entries(root: Path) -> list[MenuEntry]:
     entries = [MenuEntry("start the web UI", lambda: _start_web_ui(root))]
-    for plugin in discover_plugins():
-        entries.extend(plugin.menu_entries)
+    entries.extend(plugin_menu_entries())
     entries.append(MenuEntry("open the developer console", lambda: _developer_console(root)))
     return entries
 

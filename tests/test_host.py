@@ -10,35 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
-from invokeai_ti_plugin.host.startup import sync_embeddings
 
-from .conftest import host_records
-
-DIMENSION_MISMATCH = (
-    "Cannot load embedding for <{name}>. It was trained on a model with token dimension {got}, "
-    "but the current model has token dimension {want}"
-)
-
-
-def _train_args(root: Path, data: Path, model: str, *extra: str) -> list[str]:
-    return [
-        f"--model={model}",
-        f"--root={root}",
-        "--placeholder_token=<striped-ball>",
-        "--initializer_token=ball",
-        f"--train_data_dir={data}",
-        "--max_train_steps=2",
-        "--train_batch_size=2",
-        "--mixed_precision=no",
-        "--no-enable_xformers_memory_efficient_attention",
-        "--num_validation_images=0",
-        *extra,
-    ]
+from .conftest import DIMENSION_MISMATCH, host_cli_args, host_records, save_tensors
 
 
 def _no_unknown_records(root: Path) -> None:
@@ -60,7 +38,7 @@ def test_list_models_shows_trainable_and_unsupported(
 def test_training_by_model_name_registers_the_embedding(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path
 ) -> None:
-    assert main(_train_args(host_root, object_images, "tiny-sd-1")) == 0
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1")) == 0
     assert "InvokeAI: registered <striped-ball> (sd-1)" in capsys.readouterr().out
     (record,) = host_records(host_root)
     target = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
@@ -78,10 +56,11 @@ def test_training_by_model_name_registers_the_embedding(
 
 
 def test_retraining_the_same_trigger_updates_it(host_root: Path, object_images: Path) -> None:
-    assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=1")) == 0
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1", "--seed=1")) == 0
     target = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
     first = target.read_bytes()
-    assert main(_train_args(host_root, object_images, "tiny-sd-1", "--seed=2", "--overwrite")) == 0
+    again = host_cli_args(host_root, object_images, "tiny-sd-1", "--seed=2", "--overwrite")
+    assert main(again) == 0
     (record,) = host_records(host_root)
     assert record.name == "striped-ball" and target.read_bytes() != first
     _no_unknown_records(host_root)
@@ -90,7 +69,7 @@ def test_retraining_the_same_trigger_updates_it(host_root: Path, object_images: 
 def test_a_model_name_that_is_not_installed(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path
 ) -> None:
-    assert main(_train_args(host_root, object_images, "no-such-model")) == 2
+    assert main(host_cli_args(host_root, object_images, "no-such-model")) == 2
     assert "no model named 'no-such-model' is installed" in capsys.readouterr().err
     assert host_records(host_root) == []
 
@@ -99,11 +78,11 @@ def test_an_sd2_embedding_meets_an_sd1_model(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "resumable"
-    sd2 = _train_args(host_root, object_images, "tiny-sd-2", f"--output_dir={out}")
+    sd2 = host_cli_args(host_root, object_images, "tiny-sd-2", f"--output_dir={out}")
     assert main([*sd2, "--no-register_embedding"]) == 0
     capsys.readouterr()
 
-    resumed = _train_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
+    resumed = host_cli_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
     assert main([*resumed, "--resume_from_checkpoint=latest"]) == 2
     expected = DIMENSION_MISMATCH.format(name="striped-ball", got=1024, want=768)
     assert expected in capsys.readouterr().err
@@ -142,7 +121,7 @@ def _a1111_file(path: Path) -> Path:
         (lambda tmp: _concepts_library_folder(tmp / "cat-toy"), "cat-toy", "sd-1", 1),
         (lambda tmp: _a1111_file(tmp / "painterly.pt"), "painterly", "sd-1", 2),
         (
-            lambda tmp: _save(
+            lambda tmp: save_tensors(
                 tmp / "kohya-style.safetensors", {"emb_params": torch.randn(3, 1024)}
             ),
             "kohya-style",
@@ -150,7 +129,7 @@ def _a1111_file(path: Path) -> Path:
             3,
         ),
         (
-            lambda tmp: _save(
+            lambda tmp: save_tensors(
                 tmp / "xl-thing.safetensors",
                 {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)},
             ),
@@ -159,7 +138,9 @@ def _a1111_file(path: Path) -> Path:
             2,
         ),
         (  # diffusers' example output, which the host alone misreads as dimension 1
-            lambda tmp: _save(tmp / "diffusers.safetensors", {"<my-dog>": torch.randn(1, 768)}),
+            lambda tmp: save_tensors(
+                tmp / "diffusers.safetensors", {"<my-dog>": torch.randn(1, 768)}
+            ),
             "my-dog",
             "sd-1",
             1,
@@ -178,11 +159,6 @@ def test_import_of_each_foreign_format(
     stored = read_embedding_vectors(Path(record.path))
     assert stored.num_vectors == vectors and stored.host_reads_as_is
     _no_unknown_records(host_root)
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    save_file(tensors, str(path))
-    return path
 
 
 class _RunsCode:
@@ -216,7 +192,7 @@ def test_garbage_and_unfit_files_leave_no_records(
     garbage = tmp_path / "junk.safetensors"
     garbage.write_bytes(b"definitely not safetensors")
     assert main(["import", str(garbage), f"--root={host_root}"]) == 2
-    odd = _save(tmp_path / "odd.safetensors", {"emb_params": torch.randn(1, 512)})
+    odd = save_tensors(tmp_path / "odd.safetensors", {"emb_params": torch.randn(1, 512)})
     assert main(["import", str(odd), f"--root={host_root}"]) == 2
     assert "fit no Stable Diffusion base" in capsys.readouterr().err
     assert host_records(host_root) == []
@@ -226,9 +202,10 @@ def test_garbage_and_unfit_files_leave_no_records(
 def test_startup_registers_dropped_files_and_reports_the_rest(host_root: Path) -> None:
     folder = host_root / "embeddings"
     (folder / "dropped").mkdir(parents=True)
-    _save(folder / "dropped" / "learned_embeds.safetensors", {"emb_params": torch.randn(1, 768)})
-    _save(folder / "wide.safetensors", {"emb_params": torch.randn(2, 1024)})
-    _save(folder / "odd.safetensors", {"emb_params": torch.randn(1, 100)})
+    dropped = folder / "dropped" / "learned_embeds.safetensors"
+    save_tensors(dropped, {"emb_params": torch.randn(1, 768)})
+    save_tensors(folder / "wide.safetensors", {"emb_params": torch.randn(2, 1024)})
+    save_tensors(folder / "odd.safetensors", {"emb_params": torch.randn(1, 100)})
     (folder / "broken.pt").write_bytes(b"junk")
     with open_host_models(host_root) as models:
         report = sync_embeddings(models)
@@ -248,10 +225,10 @@ def test_startup_registers_dropped_files_and_reports_the_rest(host_root: Path) -
 def test_name_clash_with_another_embedding_is_refused(
     capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path, object_images: Path
 ) -> None:
-    other = _save(tmp_path / "striped-ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    other = save_tensors(tmp_path / "striped-ball.safetensors", {"emb_params": torch.randn(1, 768)})
     with open_host_models(host_root) as models:  # installed by hand in InvokeAI's model manager
         models.installer.register_path(other)
-    assert main(_train_args(host_root, object_images, "tiny-sd-1")) == 2
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1")) == 2
     assert "already has a sd-1 embedding named <striped-ball>" in capsys.readouterr().err
     assert len(host_records(host_root)) == 1
 
@@ -269,7 +246,7 @@ def test_two_processes_train_together_and_register_once(
     """torchrun on CPU: accelerate's gloo path, as `accelerate launch` uses on GPUs."""
     out = tmp_path / "out"
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    args = _train_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
+    args = host_cli_args(host_root, object_images, "tiny-sd-1", f"--output_dir={out}")
     run = subprocess.run(
         [torchrun, "--nproc_per_node=2", "-m", "invokeai_ti_plugin.cli", *args, "--seed=4"],
         capture_output=True,

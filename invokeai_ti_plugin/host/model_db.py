@@ -17,6 +17,7 @@ from .app_config import use_root
 
 if TYPE_CHECKING:
     from invokeai.app.services.config.config_default import InvokeAIAppConfig
+    from invokeai.app.services.invocation_services import InvocationServices
     from invokeai.app.services.model_install.model_install_base import ModelInstallServiceBase
     from invokeai.app.services.model_records.model_records_base import ModelRecordServiceBase
 
@@ -37,6 +38,12 @@ class HostModels:
         """Record paths inside the models folder are stored relative to it."""
         path = Path(record_path)
         return path if path.is_absolute() else Path(self.config.models_path) / path
+
+    @classmethod
+    def of_server(cls, services: InvocationServices) -> HostModels:
+        """A running server's own instances: inside it, nothing opens a second writer."""
+        manager = services.model_manager
+        return cls(services.configuration, manager.store, manager.install)
 
 
 @contextmanager

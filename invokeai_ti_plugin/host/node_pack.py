@@ -1,8 +1,9 @@
 """The node pack that brings `invokeai.plugins` entry points into a running InvokeAI.
 
 InvokeAI 6 has no plugin discovery, but at start-up it imports every folder with an
-`__init__.py` under ROOT/nodes/. This one tiny pack loads all installed plugins there. Its folder
-name differs from any package name because the host imports packs under their folder name.
+`__init__.py` under ROOT/nodes/. The pack is `plugins_loader.py`, copied there as it is: it
+imports nothing of this package, so other plugins keep working without it. Its folder name
+differs from any package name because the host imports packs under their folder name.
 """
 
 from __future__ import annotations
@@ -10,23 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic_files import write_atomically
+from . import plugins_loader
 
-NODE_PACK_DIRNAME = "invokeai_plugins_loader"
-NODE_PACK_SOURCE = '''"""Loads InvokeAI plugins: Python entry points in the group "invokeai.plugins"
-
-Installed by invokeai-ti-plugin (`invokeai-ti install-nodes`); removing it disables the plugins'
-start-up work inside InvokeAI, nothing else.
-"""
-
-try:
-    from invokeai_ti_plugin.host.server_plugins import start_plugins_with_server
-except ImportError as error:  # the plugin package was uninstalled: say so, keep the host running
-    import logging
-
-    logging.getLogger(__name__).warning("invokeai plugins not loaded: %s", error)
-else:
-    start_plugins_with_server()
-'''
+NODE_PACK_DIRNAME = plugins_loader.PACK_NAME
+NODE_PACK_SOURCE = Path(plugins_loader.__file__).read_text(encoding="utf-8")
 
 
 def node_pack_folder(root: Path) -> Path:

@@ -1,0 +1,275 @@
+"""The "Train Textual Inversion" node of InvokeAI's workflow editor.
+
+Registered by the plugin's `register_nodes()` when `invokeai-web` imports the node pack. Its
+inputs mirror `TrainingConfig` (same names, defaults, limits and help text), and it trains
+through the same job as the command line, inside the server with the server's own services:
+bad input fails the queue item with the command line's one-line message, Cancel stops after the
+current step with a checkpoint, and the registered `<trigger>` works in the next generation.
+"""
+
+import time
+from pathlib import Path
+from typing import Any
+
+from invokeai.app.api.dependencies import ApiDependencies
+from invokeai.app.invocations.baseinvocation import (
+    BaseInvocation,
+    BaseInvocationOutput,
+    invocation,
+    invocation_output,
+)
+from invokeai.app.invocations.fields import (
+    BoardField,
+    FieldKind,
+    Input,
+    InputField,
+    InputFieldJSONSchemaExtra,
+    OutputField,
+)
+from invokeai.app.invocations.model import ModelIdentifierField
+from invokeai.app.services.invocation_services import InvocationServices
+from invokeai.app.services.session_processor.session_processor_common import CanceledException
+from invokeai.app.services.shared.invocation_context import InvocationContext
+from invokeai.backend.model_manager.taxonomy import BaseModelType, ModelType
+from PIL import Image
+from pydantic import Field
+
+from ..config import (
+    DEFAULT_LEARNING_RATES,
+    MAX_BATCH_SIZE,
+    MAX_RESOLUTION,
+    MAX_VECTORS,
+    SEED_MAX,
+    LearnableProperty,
+    TrainingConfig,
+    build_config,
+    name_problem,
+    trigger_of,
+)
+from ..console import progress_line
+from ..errors import UserInputError
+from ..job import run_job
+from ..training.model_files import ModelSource
+from ..training.run_folder import RunFolder
+from ..training.trainer import ProgressUpdate, Trainer
+from .board_images import export_board
+from .embeddings import embedding_records
+from .model_db import HostModels
+from .model_loading import host_model_source
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress events: a fast run would flood the socket
+PREVIEW_SIZE = 256  # the sample grid shown with the progress, at most this many pixels a side
+
+
+def _option(name: str, **limits: Any) -> Any:
+    """An input mirroring the config field `name`: its default and help text, and limits."""
+    field = TrainingConfig.model_fields[name]
+    if field.is_required():
+        return InputField(description=field.description, **limits)
+    return InputField(
+        default=field.get_default(call_default_factory=True),
+        description=field.description,
+        **limits,
+    )
+
+
+@invocation_output("train_textual_inversion_output")
+class TrainTextualInversionOutput(BaseInvocationOutput):
+    embedding: ModelIdentifierField = OutputField(
+        description="The trained embedding, registered with InvokeAI"
+    )
+    trigger: str = OutputField(description="The word to use in prompts, e.g. <psychedelic>")
+
+
+@invocation(
+    "train_textual_inversion",
+    title="Train Textual Inversion",
+    tags=["training", "textual inversion", "embedding"],
+    category="training",
+    version="1.0.0",
+    use_cache=False,
+)
+class TrainTextualInversionInvocation(BaseInvocation):
+    """Teach a Stable Diffusion 1.x, 2.x or SDXL model a new word from 3-20 pictures (a board,
+    or a folder on the server). The embedding is registered, and <trigger> works in the next
+    prompt. Training holds the queue: nothing else runs until it ends or is canceled. Cancel
+    saves a checkpoint; run again with resume on to continue from it."""
+
+    model: ModelIdentifierField = InputField(
+        description=TrainingConfig.model_fields["model"].description,
+        ui_model_type=ModelType.Main,
+        ui_model_base=[
+            BaseModelType.StableDiffusion1,
+            BaseModelType.StableDiffusion2,
+            BaseModelType.StableDiffusionXL,
+        ],
+    )
+    placeholder_token: str = _option("placeholder_token")
+    initializer_token: str = _option("initializer_token")
+    num_vectors: int = _option("num_vectors", ge=1, le=MAX_VECTORS)
+    learnable_property: LearnableProperty = _option("learnable_property")
+    # `board` is a name the host reserves for its own board input (WithBoard): declared the way
+    # it declares it, with what the board means here
+    board: BoardField | None = Field(
+        default=None,
+        description="The board whose images are the training set (or give train_data_dir).",
+        json_schema_extra=InputFieldJSONSchemaExtra(
+            field_kind=FieldKind.Internal, input=Input.Direct, orig_required=False
+        ).model_dump(exclude_none=True),
+    )
+    train_data_dir: str = InputField(
+        default="",
+        description="Instead of a board: a folder on the server holding 3-20 images (relative "
+        "to the InvokeAI root unless absolute).",
+    )
+    max_train_steps: int = _option("max_train_steps", ge=1)
+    # not optional here: the editor draws no input box for a field that may be empty; the node
+    # trains with AdamW, so its default is AdamW's. No lower limit either: the editor marks any
+    # rate below its step (0.1) invalid when given one; the config refuses 0 and less
+    learning_rate: float = InputField(
+        default=DEFAULT_LEARNING_RATES["adamw"],
+        description=TrainingConfig.model_fields["learning_rate"].description,
+    )
+    train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
+    resolution: int = InputField(
+        default=0,
+        ge=0,
+        le=MAX_RESOLUTION,
+        multiple_of=8,
+        description=f"{TrainingConfig.model_fields['resolution'].description} 0: that default.",
+    )
+    seed: int = InputField(
+        default=0,
+        ge=0,
+        le=SEED_MAX,
+        description="Random seed: the same seed, pictures and settings train the same "
+        "embedding. A resumed run keeps the seed it started with.",
+    )
+    resume: bool = InputField(
+        default=True,
+        description="Continue from the newest checkpoint of an earlier run of this trigger (a "
+        "canceled one, or a finished one given more steps). Off: start over, replacing that "
+        "run's checkpoints and embedding.",
+    )
+
+    def invoke(self, context: InvocationContext) -> TrainTextualInversionOutput:
+        services = ApiDependencies.invoker.services
+        models = HostModels.of_server(services)
+        trigger = trigger_of(self.placeholder_token)
+        # a trigger that cannot name a folder is the config's to report, before any export
+        data_dir = None if name_problem(trigger) else self._training_folder(context, models.root)
+        config = build_config(
+            {
+                "model": self.model.key,
+                "placeholder_token": self.placeholder_token,
+                "initializer_token": self.initializer_token,
+                "num_vectors": self.num_vectors,
+                "learnable_property": self.learnable_property,
+                "root": models.root,
+                "train_data_dir": data_dir,
+                "max_train_steps": self.max_train_steps,
+                "learning_rate": self.learning_rate,
+                "train_batch_size": self.train_batch_size,
+                "resolution": self.resolution or None,
+                "seed": self.seed,
+                "resume_from_checkpoint": "latest" if self.resume else None,
+                "overwrite": not self.resume,
+            }
+        )
+        replaced = [r.key for r in embedding_records(models) if r.name == config.trigger]
+        progress = _QueueProgress(context, config)
+        context.util.signal_progress(f"Preparing to train {config.placeholder_token}")
+        source = _model_source(context, self.model)
+        outcome = run_job(config, progress, progress.started, models, source)
+        if progress.canceled:
+            raise CanceledException()
+        if outcome.registered is None:
+            raise UserInputError(outcome.note)
+        _forget_cached(services, [*replaced, outcome.registered.key])
+        record = models.store.get_model(outcome.registered.key)
+        return TrainTextualInversionOutput(
+            embedding=ModelIdentifierField.from_config(record),
+            trigger=f"<{outcome.registered.name}>",
+        )
+
+    def _training_folder(self, context: InvocationContext, root: Path) -> Path:
+        """The board's images exported to a folder of ours, or the folder given; not both."""
+        folder = self.train_data_dir.strip()
+        if (self.board is None) == (not folder):
+            raise UserInputError(
+                "give a board or a train_data_dir folder, not both"
+                if folder
+                else "choose the board whose pictures to train on (or give a train_data_dir)",
+                option="board",
+            )
+        if self.board is None:
+            return root / Path(folder).expanduser()
+        board_id = self.board.board_id
+        names = context.boards.get_all_image_names_for_board(board_id)
+        return export_board(
+            root,
+            trigger_of(self.placeholder_token),
+            context.boards.get_dto(board_id).board_name,
+            {name: context.images.get_path(name) for name in names},
+        )
+
+
+def _model_source(context: InvocationContext, model: ModelIdentifierField) -> ModelSource:
+    """The model to train, from the server's own model manager and cache: training shares the
+    parts the server holds instead of loading a second copy (see `host/model_loading.py`)."""
+    record = context.models.get_config(model)
+    return host_model_source(
+        record, lambda submodel: context.models.load(model, submodel_type=submodel)
+    )
+
+
+class _QueueProgress:
+    """The queue item's progress (step, loss, time left, the latest sample grid), and its
+    Cancel button, which stops the trainer after the current step."""
+
+    def __init__(self, context: InvocationContext, config: TrainingConfig) -> None:
+        self.context = context
+        self.output_dir = config.out_dir
+        self.token = config.placeholder_token
+        self.trainer: Trainer | None = None
+        self.canceled = False
+        self._last_signal = 0.0
+        self._preview: tuple[Path, Image.Image] | None = None
+
+    def started(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        if self.context.util.is_canceled() and self.trainer is not None:
+            self.canceled = True
+            self.trainer.request_stop()
+        now = time.monotonic()
+        if now - self._last_signal < PROGRESS_INTERVAL and update.step < update.total_steps:
+            return
+        self._last_signal = now
+        self.context.util.signal_progress(
+            f"Training {self.token}: {progress_line(update)}",
+            update.step / update.total_steps,
+            self._latest_grid(),
+        )
+
+    def _latest_grid(self) -> Image.Image | None:
+        """The newest sample grid, read again only when a new one appears."""
+        grid = RunFolder(self.output_dir).newest_sample()
+        if grid is None:
+            return None
+        if self._preview is None or self._preview[0] != grid:
+            with Image.open(grid) as image:
+                preview = image.convert("RGB")
+            preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+            self._preview = (grid, preview)
+        return self._preview[1]
+
+
+def _forget_cached(services: InvocationServices, keys: list[str]) -> None:
+    """Drop what the server cached of a replaced embedding (its vectors, by model key) and the
+    prompt results computed with them, so `<trigger>` has its new meaning at once."""
+    for cache in services.model_manager.load.ram_caches.values():
+        for key in keys:
+            cache.drop_model(key)
+    services.invocation_cache.clear()

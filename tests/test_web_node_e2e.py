@@ -1,0 +1,234 @@
+"""End to end on the real `invokeai-web`: the "Train Textual Inversion" node, driven as the web
+UI drives it (REST and socket.io), on a board of uploaded pictures: progress, cancel with a
+checkpoint, resume to the end, the embedding used by the next generation, the ready workflow in
+the library, and bad input failing only its own queue item."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import requests
+import socketio
+
+from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.host.board_images import EXPORT_MARKER
+
+from .conftest import Server, running_server
+
+pytestmark = pytest.mark.slow
+
+STEPS = 300
+
+
+@pytest.fixture
+def server(host_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    assert main(["install-nodes", f"--root={host_root}"]) == 0
+    log_path = tmp_path / "server.log"
+    with running_server(host_root, log_path, monkeypatch) as running:
+        yield running
+    assert "failed at start-up" not in log_path.read_text()
+
+
+class ProgressEvents:
+    """The queue's `invocation_progress` events, as the web UI receives them."""
+
+    def __init__(self, server: Server) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.arrived = threading.Condition()
+        self.client = socketio.Client()
+        self.client.on("invocation_progress", self._add)
+        # the web UI's transport (long polling trips over the host's gzip middleware)
+        self.client.connect(server.address, socketio_path="/ws/socket.io", transports=["websocket"])
+        self.client.emit("subscribe_queue", {"queue_id": "default"})
+
+    def _add(self, event: dict[str, Any]) -> None:
+        with self.arrived:
+            self.events.append(event)
+            self.arrived.notify_all()
+
+    def of(self, item_id: int) -> list[dict[str, Any]]:
+        with self.arrived:
+            return [event for event in self.events if event["item_id"] == item_id]
+
+    def wait_for_training(self, item_id: int, timeout: float = 120) -> dict[str, Any]:
+        """The first event of `item_id` that reports a training step."""
+        with self.arrived:
+            found = self.arrived.wait_for(
+                lambda: [e for e in self.of(item_id) if e.get("percentage")], timeout
+            )
+        assert found, f"no training progress for item {item_id}: {self.of(item_id)}"
+        return found[0]
+
+
+def _board_with(server: Server, name: str, pictures: list[Path]) -> str:
+    board_id = server.call("POST", f"/api/v1/boards/?board_name={quote(name)}")["board_id"]
+    for picture in pictures:
+        with picture.open("rb") as file:
+            response = requests.post(
+                f"{server.address}/api/v1/images/upload",
+                params={"image_category": "user", "is_intermediate": "false", "board_id": board_id},
+                files={"file": (picture.name, file, "image/png")},
+                timeout=60,
+            )
+        response.raise_for_status()
+    return str(board_id)
+
+
+def _wait_until_idle(server: Server, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while server.call("GET", "/api/v1/queue/default/status")["processor"]["is_processing"]:
+        assert time.monotonic() < deadline, "the canceled node did not stop"
+        time.sleep(0.3)
+
+
+def _train(server: Server, model: dict[str, Any], board_id: str, **options: Any) -> int:
+    node = {
+        "type": "train_textual_inversion",
+        "model": model,
+        "placeholder_token": "<board-ball>",
+        "initializer_token": "ball",
+        "board": {"board_id": board_id},
+        "max_train_steps": STEPS,
+        "train_batch_size": 1,
+        "learning_rate": 0.05,
+        "resolution": 64,
+        "seed": 3,
+        **options,
+    }
+    return server.enqueue({"train": node}, [])
+
+
+def test_the_training_node_in_the_web_ui(
+    server: Server, host_root: Path, object_images: Path
+) -> None:
+    # the node is in the schema the workflow editor reads, the workflow in the library
+    schema = server.call("GET", "/openapi.json")
+    assert "TrainTextualInversionInvocation" in schema["components"]["schemas"]
+    listed = server.call("GET", "/api/v1/workflows/?query=Train%20Textual%20Inversion")["items"]
+    assert [item["name"] for item in listed] == ["Train Textual Inversion"]
+
+    model = server.main_model("tiny-sd-1")
+    pictures = sorted(object_images.glob("*.png"))
+    board_id = _board_with(server, "striped ball", pictures)
+    progress = ProgressEvents(server)
+    try:
+        # cancel mid-run: a checkpoint and the embedding so far, nothing registered
+        first = _train(server, model, board_id)
+        seen = progress.wait_for_training(first)
+        assert "Training <board-ball>: step " in seen["message"] and "loss" in seen["message"]
+        assert "left" in seen["message"]
+        server.call("PUT", f"/api/v1/queue/default/i/{first}/cancel")
+        assert server.wait(first)["status"] == "canceled"
+        _wait_until_idle(server)  # the item is canceled at once; its node stops after a step
+        out = host_root / "text-inversion-output" / "board-ball"
+        (checkpoint,) = (out / "checkpoints").iterdir()
+        stopped_at = int(checkpoint.name.removeprefix("checkpoint-"))
+        assert 0 < stopped_at < STEPS
+        assert json.loads((out / "embedding.json").read_text())["steps"] == stopped_at
+        assert "board-ball" not in server.embeddings()
+
+        # the board's pictures were exported byte for byte into a folder of the plugin's
+        data = host_root / "text-inversion-training-data" / "board-ball"
+        exported = sorted(p for p in data.iterdir() if p.name != EXPORT_MARKER)
+        assert len(exported) == len(pictures)
+        stored = {p.read_bytes() for p in exported}
+
+        # again, resume on: continues from the checkpoint to the end and registers
+        second = _train(server, model, board_id)
+        item = server.wait(second)
+        assert item["status"] == "completed", item.get("error_traceback")
+        assert {p.read_bytes() for p in data.iterdir() if p.name != EXPORT_MARKER} == stored
+        (node_id,) = item["session"]["source_prepared_mapping"]["train"]
+        result = item["session"]["results"][node_id]
+        assert result["trigger"] == "<board-ball>"
+        assert result["embedding"]["name"] == "board-ball"
+        assert result["embedding"]["base"] == "sd-1"
+        assert f"resuming from {checkpoint} at step {stopped_at}" in (
+            out / "logs" / "train.log"
+        ).read_text()
+        history = (out / "logs" / "history.jsonl").read_text().splitlines()
+        steps = [json.loads(line)["step"] for line in history]
+        assert steps == list(range(1, STEPS + 1))
+        assert json.loads((out / "embedding.json").read_text())["steps"] == STEPS
+        assert server.embeddings() == {"board-ball": "sd-1"}
+        events = progress.of(second)
+        assert events[-1]["percentage"] == 1.0
+        assert events[-1]["image"] is not None  # the sample grid drawn when the first run stopped
+        assert any(e["message"].startswith(f"Training <board-ball>: step {STEPS}/") for e in events)
+    finally:
+        progress.client.disconnect()
+
+    # the next generation uses it: the same vectors under another name give the same picture
+    trained = host_root / "embeddings" / "board-ball" / "sd-1" / "learned_embeds.safetensors"
+    assert main(["import", str(trained), "--name=board-twin", f"--root={host_root}"]) == 0
+    ball = server.generate(model, "a photo of a <board-ball>")
+    assert np.array_equal(ball, server.generate(model, "a photo of a <board-twin>"))
+    assert not np.array_equal(ball, server.generate(model, "a photo of a board-ball"))
+
+    # an empty board fails only its own item, with the command line's one-line message
+    empty = _board_with(server, "empty", [])
+    failed = server.wait(_train(server, model, empty, placeholder_token="<nothing>"))
+    assert failed["status"] == "failed"
+    assert failed["error_message"] == (
+        "--board: board 'empty' holds no images; add 3-20 pictures of your subject to it"
+    )
+    assert not (host_root / "text-inversion-training-data" / "nothing").exists()
+    # a trigger the model already knows, the same message as the command line
+    known = server.wait(_train(server, model, board_id, placeholder_token="ball"))
+    assert known["status"] == "failed" and "ball" in known["error_message"]
+    assert "\n" not in known["error_message"]
+    assert np.array_equal(ball, server.generate(model, "a photo of a <board-ball>"))
+
+
+NODE_LABELS = [
+    "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
+    "Board", "Train Data Dir", "Max Train Steps", "Learning Rate", "Train Batch Size",
+    "Resolution", "Seed", "Resume", "Embedding", "Trigger",
+]  # fmt: skip
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# CI installs Chromium (.ci/run) and must run this; a local run without it skips
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"),
+    reason="no Chromium at /usr/bin/chromium (apt install chromium)",
+)
+def test_a_browser_loads_the_workflow_and_shows_the_node(server: Server, tmp_path: Path) -> None:
+    """The real web UI in headless Chromium: the library holds the workflow, and loading it
+    puts the node, with every field, in the workflow editor. INVOKEAI_TI_SCREENSHOT=PATH keeps
+    the screenshot (docs/web-node.png is made so)."""
+    from playwright.sync_api import sync_playwright
+
+    shot = Path(os.environ.get("INVOKEAI_TI_SCREENSHOT", tmp_path / "web-node.png"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(server.address)
+            page.locator("[aria-label='Workflows']").first.click()
+            page.get_by_text("Browse Workflow Templates").click()
+            page.get_by_text("Your Workflows").click()
+            page.get_by_text("Train Textual Inversion").first.click()
+            page.get_by_role("button", name="Load", exact=True).click()
+            page.get_by_text("Workflow Editor", exact=True).click()
+            page.locator("button[aria-label='Fit View']").click()
+            node = page.locator(".react-flow__node").filter(has_text="Train Textual Inversion")
+            node.wait_for()
+            page.wait_for_timeout(1000)  # the fit-view animation
+            page.screenshot(path=str(shot))
+            shown = node.inner_text()
+        finally:
+            browser.close()
+    lines = {line.strip() for line in shown.splitlines()}
+    assert "Train Textual Inversion" in lines
+    assert [label for label in NODE_LABELS if label not in lines] == []
+    assert shot.stat().st_size > 10_000
