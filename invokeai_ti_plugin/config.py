@@ -1,8 +1,9 @@
 """The one source of truth for training options.
 
-Every front end (command line, terminal form, web node) builds a `TrainingConfig`; nothing else
-parses or validates options. Field names and defaults follow the InvokeAI 2.3 textual-inversion
-manual, and each field's description is the help text users see, so docs cannot drift from code.
+Every front end (the command line, the terminal form, the web UI's node) builds a
+`TrainingConfig`; nothing else parses or validates options. Field names and defaults follow the
+InvokeAI 2.3 textual-inversion manual, and each field's description is the help text users see,
+so docs cannot drift from code.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,23 +26,19 @@ from .errors import UserInputError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
-LR_SCHEDULERS = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-)
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 MixedPrecision = Literal["no", "fp16", "bf16"]
+OptimizerName = Literal["adamw", "prodigy"]
+# --learning_rate's default for each optimizer: Prodigy's rate multiplies its own estimate
+DEFAULT_LEARNING_RATES: dict[str, float] = {"adamw": 5e-4, "prodigy": 1.0}
 LearnableProperty = Literal["object", "style"]
 
 
 def default_root() -> Path:
-    """InvokeAI's root folder, found by InvokeAI's own rule."""
+    """InvokeAI's root folder, by InvokeAI's own rule plus an unactivated ROOT/.venv."""
     from .host.app_config import find_root
 
     return find_root()
@@ -99,9 +96,10 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
     model: str = Field(
-        description="The base model: the name or key of a diffusers model installed in InvokeAI "
-        "(see --list-models), or a folder holding a Stable Diffusion 1.x or 2.x diffusers "
-        "pipeline. An embedding only works with models of the same base as this one."
+        description="The base model: the name or key of a model installed in InvokeAI (see "
+        "--list-models; diffusers folders and single-file checkpoints alike), or a folder "
+        "holding a Stable Diffusion 1.x, 2.x or SDXL diffusers pipeline. An embedding only "
+        "works with models of the same base as this one."
     )
     placeholder_token: str = Field(
         description="The new word to teach, e.g. '<psychedelic>'. It must not already be a word "
@@ -129,7 +127,8 @@ class TrainingConfig(BaseModel):
         default_factory=default_root,
         description="The InvokeAI root folder, where models are registered and the default "
         "data and output folders live. Default: $INVOKEAI_ROOT, else the parent of the active "
-        "virtualenv, else ~/invokeai (InvokeAI's own rule).",
+        "virtualenv, else the parent of the virtualenv this command is installed in when that "
+        "is an InvokeAI root (the launcher's ROOT/.venv), else ~/invokeai.",
     )
     train_data_dir: Path | None = Field(
         default=None,
@@ -147,7 +146,7 @@ class TrainingConfig(BaseModel):
         default=None,
         description="Images are scaled to this square size in pixels (a multiple of 8, "
         "64 to 2048). Default: the model's native size (512 for SD 1.x, 768 for SD 2.x 768-px "
-        "models).",
+        "models, 1024 for SDXL).",
     )
     center_crop: bool = Field(
         default=False,
@@ -168,15 +167,43 @@ class TrainingConfig(BaseModel):
         default=3000,
         description="Number of updates to train for. Most concepts converge in 2000-3000.",
     )
-    learning_rate: float = Field(
-        default=5e-4,
+    optimizer: OptimizerName = Field(
+        default="adamw",
+        description="'adamw' (the manual's) or 'prodigy', which estimates its own step size as "
+        "it goes: no learning rate to tune (--learning_rate then multiplies its estimate and "
+        "defaults to 1.0). Its first updates are tiny while the estimate grows from 1e-6 (it "
+        "still got halfway down sooner than adamw on this project's benchmark), and it keeps a "
+        "little more optimizer state.",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        validate_default=True,
         description="Step size of the updates. Higher learns faster but risks over-training "
-        "(every image alike); 5e-4 is conservative, 5e-3 is fast.",
+        "(every image alike); 5e-4 is conservative, 5e-3 is fast. With --optimizer prodigy it "
+        "multiplies Prodigy's own estimate: keep 1.0. Default: 5e-4 with adamw, 1.0 with "
+        "prodigy.",
     )
     scale_lr: bool = Field(
         default=True,
         description="Multiply the learning rate by GPUs x batch size x accumulation steps, "
-        "so that larger effective batches keep the same per-image learning speed.",
+        "so that larger effective batches keep the same per-image learning speed. Not applied "
+        "with --optimizer prodigy, which finds its step size itself.",
+    )
+    snr_gamma: float | None = Field(
+        default=None,
+        description="Min-SNR-gamma loss weighting (arXiv 2303.09556): the updates weigh "
+        "low-noise timesteps, whose easy loss otherwise dominates, down to the SNR gamma, "
+        "for epsilon and v-prediction models alike. Typical: 5. It changes what the training "
+        "loss measures (the evaluation loss stays unweighted); on this project's benchmark it "
+        "made no measurable difference in speed (see benchmarks/README.md). Default: off.",
+    )
+    max_embedding_norm: float | None = Field(
+        default=None,
+        description="After each update, scale down every learned vector whose length exceeds "
+        "this. Keeps the word from overpowering the rest of the prompt (the usual sign of an "
+        "over-trained embedding), but can slow the learning of a strong concept. Typical: "
+        "about the initializer's norm, which the run logs when it starts (the same limit "
+        "holds for both of SDXL's encoders). Default: no limit.",
     )
     lr_scheduler: LrScheduler = Field(
         default="constant",
@@ -187,12 +214,16 @@ class TrainingConfig(BaseModel):
         description="Updates over which the learning rate ramps up from zero. Only used by "
         "schedulers with warmup (constant_with_warmup, linear, cosine, ...), not 'constant'.",
     )
-    adam_beta1: float = Field(default=0.9, description="AdamW's first-moment decay.")
-    adam_beta2: float = Field(default=0.999, description="AdamW's second-moment decay.")
-    adam_weight_decay: float = Field(
-        default=1e-2, description="AdamW's weight decay on the learned vectors."
+    adam_beta1: float = Field(
+        default=0.9, description="AdamW's (and Prodigy's) first-moment decay."
     )
-    adam_epsilon: float = Field(default=1e-8, description="AdamW's epsilon.")
+    adam_beta2: float = Field(
+        default=0.999, description="AdamW's (and Prodigy's) second-moment decay."
+    )
+    adam_weight_decay: float = Field(
+        default=1e-2, description="AdamW's (and Prodigy's) weight decay on the learned vectors."
+    )
+    adam_epsilon: float = Field(default=1e-8, description="AdamW's (and Prodigy's) epsilon.")
     mixed_precision: MixedPrecision = Field(
         default_factory=default_mixed_precision,
         description="Run the frozen model in 16-bit: 'fp16' (GPUs), 'bf16' (recent GPUs and "
@@ -217,8 +248,24 @@ class TrainingConfig(BaseModel):
     )
     validation_steps: int = Field(
         default=500,
-        description="Draw a sample grid every this many updates and at the end (0: only at "
-        "the end). Grids go to OUTPUT_DIR/samples/.",
+        description="Draw a sample grid and measure the evaluation loss every this many "
+        "updates and at the end (0: only at the end). Grids go to OUTPUT_DIR/samples/.",
+    )
+    eval_loss: bool = Field(
+        default=True,
+        description="Measure the evaluation loss at the start, every --validation_steps and at "
+        "the end: the denoising loss over every training image and its mirror, at fixed "
+        "timesteps with fixed noise, so it moves only when the embedding does (the training "
+        "loss jumps with its random timesteps). Logged to logs/history.jsonl, TensorBoard and "
+        "loss.png; the best step is recorded in embedding.json. Costs a few seconds per "
+        "measurement (8 denoising passes per image, no backward pass).",
+    )
+    save_best: bool = Field(
+        default=False,
+        description="Also keep the embedding of the lowest evaluation loss, as "
+        "learned_embeds-best.safetensors beside the last one: a guard against over-training "
+        "late in a run. Needs --eval_loss; the best is only as fine-grained as "
+        "--validation_steps.",
     )
     report_to: Literal["none", "tensorboard"] = Field(
         default="none",
@@ -228,7 +275,9 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         default=False,
         description="Recompute UNet activations during the backward pass instead of storing "
-        "them: much less GPU memory for about 30% more time per step.",
+        "them: much less GPU memory for 1.5-2x the time per step. Off by default, but turned on "
+        "by itself (and said in the log) when the GPU's free memory is short for a step "
+        "without it.",
     )
     seed: int | None = Field(
         default=None,
@@ -313,9 +362,26 @@ class TrainingConfig(BaseModel):
 
     @field_validator("learning_rate")
     @classmethod
-    def _positive_float(cls, value: float) -> float:
+    def _positive_float(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:  # the optimizer's default (None only while the optimizer is invalid)
+            optimizer = info.data.get("optimizer")
+            return DEFAULT_LEARNING_RATES[optimizer] if optimizer else None
         if not value > 0:
             raise ValueError(f"must be a positive number such as 5e-4 (got {value})")
+        return value
+
+    @field_validator("snr_gamma", "max_embedding_norm")
+    @classmethod
+    def _positive_if_given(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"must be a positive number, such as 5 or 0.5 (got {value})")
+        return value
+
+    @field_validator("save_best")
+    @classmethod
+    def _best_needs_evaluation(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("eval_loss") is False:
+            raise ValueError("needs the evaluation loss: drop --no-eval_loss")
         return value
 
     @field_validator("adam_beta1", "adam_beta2")
@@ -477,7 +543,4 @@ def build_config(options: dict[str, Any]) -> TrainingConfig:
     try:
         return TrainingConfig(**options)
     except ValidationError as error:
-        problems = field_problems(error).items()
-        raise UserInputError(
-            "; ".join(f"--{field}: {text}" if field else text for field, text in problems)
-        ) from error
+        raise UserInputError.of_options(field_problems(error)) from error

@@ -7,25 +7,44 @@ them. Set INVOKEAI_TI_TEST_CACHE to move the cache.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import invokeai_ti_plugin.tiny_models as tiny_models
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.tiny_models import build_tiny_pipeline, make_demo_images
+from invokeai_ti_plugin.training.embedding_file import EMBEDDING_KEY, read_embedding_vectors
 from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.latent_cache import LatentCache
-from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts, load_vae
+from invokeai_ti_plugin.training.model_files import (
+    ModelParts,
+    inspect_model,
+    load_model_parts,
+    load_vae,
+)
 from invokeai_ti_plugin.training.new_tokens import (
+    PlaceholderEmbedding,
     add_placeholder_tokens,
     install_placeholder_embedding,
 )
@@ -167,17 +186,48 @@ def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) ->
     return float(torch.stack(losses).mean())
 
 
+def assert_only_the_new_vectors_changed(original: ModelParts, trained: ModelParts) -> None:
+    """Every weight of the trained model is bit-identical to the original's: the UNet, and each
+    text encoder with its placeholder lookup put back to the frozen table it wraps (which
+    leaves out only the new word's vectors)."""
+    for encoder in trained.text_encoders:
+        lookup = encoder.get_input_embeddings()
+        assert isinstance(lookup, PlaceholderEmbedding)
+        encoder.set_input_embeddings(lookup.frozen)
+    before_models = [original.unet, *original.text_encoders]
+    after_models = [trained.unet, *trained.text_encoders]
+    for before_model, after_model in zip(before_models, after_models, strict=True):
+        before, after = before_model.state_dict(), after_model.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            assert torch.equal(value, after[key].cpu()), f"{key} changed"
+
+
+def generate(pipeline: object, prompt: str) -> np.ndarray:
+    """A 64-px picture of `prompt` in two steps, from the same noise every time."""
+    images = pipeline(  # type: ignore[operator]
+        prompt,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    return np.asarray(images[0])
+
+
 COMMAND = str(Path(sys.executable).parent / "invokeai-ti")
 
 
-def cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """`invokeai-ti` options for a tiny, quick run teaching <striped-ball>."""
+def cli_args(model: Path | str, data: Path, out: Path | None, *extra: str) -> list[str]:
+    """`invokeai-ti` options for a tiny, quick run teaching <striped-ball>; `out` None leaves
+    the output folder to its default."""
     return [
         f"--model={model}",
         "--placeholder_token=<striped-ball>",
         "--initializer_token=ball",
         f"--train_data_dir={data}",
-        f"--output_dir={out}",
+        *([f"--output_dir={out}"] if out is not None else []),
         "--max_train_steps=2",
         "--train_batch_size=2",
         "--mixed_precision=no",
@@ -185,6 +235,29 @@ def cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "--num_validation_images=0",
         *extra,
     ]
+
+
+def host_cli_args(root: Path, data: Path, model: str, *extra: str) -> list[str]:
+    """`cli_args` for a model installed in the InvokeAI at `root`, output to its default folder."""
+    return cli_args(model, data, None, f"--root={root}", *extra)
+
+
+# the manual's message for an embedding meeting a model of another base
+DIMENSION_MISMATCH = (
+    "Cannot load embedding for <{name}>. It was trained on a model with token dimension {got}, "
+    "but the current model has token dimension {want}"
+)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A safetensors file holding `tensors`, as other tools write embeddings."""
+    save_file(tensors, str(path))
+    return path
+
+
+def embedding_vectors(path: Path) -> torch.Tensor:
+    """The [n, d] vectors of an SD 1/2 embedding file, read as import and registration read it."""
+    return read_embedding_vectors(path).tensors[EMBEDDING_KEY]
 
 
 def start_training(args: list[str], out: Path) -> subprocess.Popen[str]:
@@ -225,3 +298,136 @@ def fails_cleanly(
     assert main(args) == 2
     one_error_line(capsys.readouterr().err, expected)
     assert not out.exists() or not any(out.iterdir()), "a failed start wrote files"
+
+
+class Server:
+    """A running `invokeai-web`, spoken to over its REST API."""
+
+    def __init__(self, address: str, log_path: Path) -> None:
+        self.address = address
+        self.log_path = log_path
+
+    def call(self, method: str, route: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.address + route,
+            data=data,
+            method=method,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = response.read()
+        return json.loads(payload) if payload[:1] in (b"{", b"[") else payload
+
+    def embeddings(self) -> dict[str, str]:
+        models = self.call("GET", "/api/v2/models/?model_type=embedding")["models"]
+        return {model["name"]: model["base"] for model in models}
+
+    def main_model(self, name: str) -> dict[str, Any]:
+        models = self.call("GET", "/api/v2/models/?model_type=main")["models"]
+        (model,) = [model for model in models if model["name"] == name]
+        return {key: model[key] for key in ("key", "hash", "name", "base", "type")}
+
+    def enqueue(self, nodes: dict[str, dict[str, Any]], links: list[tuple[str, ...]]) -> int:
+        """Queue a graph of `nodes` (by id) and `links` (source, field, destination, field)."""
+        for node_id, node in nodes.items():
+            node["id"] = node_id
+        edges = [
+            {"source": {"node_id": a, "field": b}, "destination": {"node_id": c, "field": d}}
+            for a, b, c, d in links
+        ]
+        graph = {"id": str(uuid.uuid4()), "nodes": nodes, "edges": edges}
+        batch = {"batch": {"graph": graph, "runs": 1}, "prepend": False}
+        (item_id,) = self.call("POST", "/api/v1/queue/default/enqueue_batch", batch)["item_ids"]
+        return int(item_id)
+
+    def wait(self, item_id: int, timeout: float = 180) -> dict[str, Any]:
+        """The queue item once it has completed, failed or been canceled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self.call("GET", f"/api/v1/queue/default/i/{item_id}")
+            if item["status"] in ("completed", "failed", "canceled"):
+                return item
+            assert time.monotonic() < deadline, f"queue item {item_id} did not finish"
+            time.sleep(0.3)
+
+    def generate(self, model: dict[str, Any], prompt: str) -> np.ndarray:
+        """A 64x64 text-to-image run through the queue, nodes cached as the web UI has them."""
+        nodes: dict[str, dict[str, Any]] = {
+            "model": {"type": "main_model_loader", "model": model},
+            "pos": {"type": "compel", "prompt": prompt},
+            "neg": {"type": "compel", "prompt": ""},
+            "noise": {"type": "noise", "seed": 7, "width": 64, "height": 64, "use_cpu": True},
+            "denoise": {
+                "type": "denoise_latents",
+                "steps": 3,
+                "cfg_scale": 7.5,
+                "scheduler": "ddim",
+                "denoising_start": 0.0,
+                "denoising_end": 1.0,
+            },
+            "l2i": {"type": "l2i", "fp32": True, "is_intermediate": False},
+        }
+        links = [
+            ("model", "clip", "pos", "clip"),
+            ("model", "clip", "neg", "clip"),
+            ("model", "unet", "denoise", "unet"),
+            ("pos", "conditioning", "denoise", "positive_conditioning"),
+            ("neg", "conditioning", "denoise", "negative_conditioning"),
+            ("noise", "noise", "denoise", "noise"),
+            ("denoise", "latents", "l2i", "latents"),
+            ("model", "vae", "l2i", "vae"),
+        ]
+        item = self.wait(self.enqueue(nodes, links))
+        assert item["status"] == "completed", item.get("error_traceback")
+        session = item["session"]
+        (l2i,) = session["source_prepared_mapping"]["l2i"]
+        name = session["results"][l2i]["image"]["image_name"]
+        png = self.call("GET", f"/api/v1/images/i/{name}/full")
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def running_server(
+    root: Path, log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Server]:
+    """`invokeai-web` on `root` at 127.0.0.1, logging to `log_path`; stopped by its process id."""
+    port = _free_port()
+    monkeypatch.setenv("INVOKEAI_HOST", "127.0.0.1")
+    monkeypatch.setenv("INVOKEAI_PORT", str(port))
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    # one OpenMP thread: on a busy 2-core machine, torch's spinning thread team made training
+    # in the server 10-20x slower (60 tiny steps: 159 s, against 11 s with one thread)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "invokeai-web"), "--root", str(root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        running = None
+        while running is None:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            running = re.search(
+                r"Invoke running on (http://127\.0\.0\.1:\d+)", log_path.read_text()
+            )
+            time.sleep(0.5)
+        yield Server(running.group(1), log_path)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

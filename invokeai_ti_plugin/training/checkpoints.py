@@ -42,7 +42,7 @@ from .embedding_file import (
 )
 from .examples import ExampleSampler
 from .images import TrainingImage
-from .run_folder import RunFolder
+from .run_folder import BEST_EMBEDDING_FILENAME, RunFolder
 
 STATE_FILENAME = "trainer_state.json"
 OPTIMIZER_FILENAME = "optimizer.pt"
@@ -91,6 +91,7 @@ class TrainingSnapshot:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     facts: dict[str, Any]
+    best_vectors: dict[str, torch.Tensor] | None = None  # of the lowest evaluation loss so far
 
 
 def begin_checkpoint(temp: Path) -> None:
@@ -115,6 +116,9 @@ def finish_checkpoint(temp: Path, final: Path, snapshot: TrainingSnapshot) -> No
             EmbeddingVectors(snapshot.vectors),
             {"step": str(snapshot.step)},
         )
+        if snapshot.best_vectors is not None:
+            best = EmbeddingVectors(snapshot.best_vectors)
+            save_vectors(temp / BEST_EMBEDDING_FILENAME, best, {})
         _write_torch(snapshot.optimizer, temp / OPTIMIZER_FILENAME)
         _write_torch(snapshot.lr_scheduler, temp / SCHEDULER_FILENAME)
         write_json_atomically(temp / STATE_FILENAME, {"step": snapshot.step, **snapshot.facts})
@@ -210,6 +214,10 @@ def load_checkpoint(folder: Path) -> ResumePoint:
     facts = _read_part(folder / STATE_FILENAME, _read_facts)
     vectors = _read_part(folder / EMBEDDING_FILENAME, read_embedding_vectors)
     _check_vectors_fit(vectors, facts)
+    best = None
+    if (folder / BEST_EMBEDDING_FILENAME).is_file():
+        best = _read_part(folder / BEST_EMBEDDING_FILENAME, read_embedding_vectors)
+        _check_vectors_fit(best, facts, BEST_EMBEDDING_FILENAME)
     optimizer = _read_part(folder / OPTIMIZER_FILENAME, _read_torch, "state", "param_groups")
     lr_scheduler = _read_part(folder / SCHEDULER_FILENAME, _read_torch, "base_lrs")
     process_states = [
@@ -220,7 +228,9 @@ def load_checkpoint(folder: Path) -> ResumePoint:
         if not ExampleSampler.is_state(state, len(facts["images"])):
             raise DamagedCheckpoint(f"{_rng_filename(index)} holds no data-order state")
     step = facts.pop("step")
-    snapshot = TrainingSnapshot(step, vectors.tensors, optimizer, lr_scheduler, facts)
+    snapshot = TrainingSnapshot(
+        step, vectors.tensors, optimizer, lr_scheduler, facts, best and best.tensors
+    )
     return ResumePoint(folder, snapshot, process_states)
 
 
@@ -274,7 +284,9 @@ def _read_torch(path: Path, *needed: str) -> dict[str, Any]:
     return loaded
 
 
-def _check_vectors_fit(vectors: EmbeddingVectors, facts: dict[str, Any]) -> None:
+def _check_vectors_fit(
+    vectors: EmbeddingVectors, facts: dict[str, Any], name: str = EMBEDDING_FILENAME
+) -> None:
     """The vectors are the ones the facts describe (what a resumed run puts them into)."""
     layouts = ({EMBEDDING_KEY}, set(SDXL_KEYS))
     if (
@@ -283,7 +295,7 @@ def _check_vectors_fit(vectors: EmbeddingVectors, facts: dict[str, Any]) -> None
         or vectors.token_dim != facts["token_dimension"]
     ):
         raise DamagedCheckpoint(
-            f"{EMBEDDING_FILENAME} does not hold {facts['num_vectors']} vector(s) of width "
+            f"{name} does not hold {facts['num_vectors']} vector(s) of width "
             f"{facts['token_dimension']}"
         )
 

@@ -1,4 +1,4 @@
-"""The denoising loss, shared by the trainer, its tests and the benchmarks."""
+"""The denoising loss, shared by the trainer, its evaluation, its tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ def denoising_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and the target its scheduler was trained for.
 
     The target follows `prediction_type`: the noise for epsilon models (SD 1.x, SD 2 base), the
-    velocity for v-prediction models (SD 2.x 768-px).
+    velocity for v-prediction models (SD 2.x 768-px). With `snr_gamma`, each example's error is
+    weighted by `snr_weights` (min-SNR-gamma); without, it is the plain mean.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
@@ -38,4 +40,28 @@ def denoising_loss(
         encoder_hidden_states.to(dtype),
         added_cond_kwargs=added_cond_kwargs,
     ).sample
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_example = errors.mean(dim=tuple(range(1, errors.dim())))
+    return (per_example * snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
+
+
+def signal_to_noise(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar / (1 - alpha_bar) of the scheduler's training schedule."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1 - alpha_bar)
+
+
+def snr_weights(
+    noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Min-SNR-gamma weights (arXiv 2303.09556), expressed for the model's own target: an
+    epsilon model's error is weighted min(SNR, gamma) / SNR, a v-prediction model's
+    min(SNR, gamma) / (SNR + 1), both being min(SNR, gamma) on the x0 error. A zero-terminal-SNR
+    schedule's last timestep (SNR 0) gets the limit, 1, for epsilon."""
+    snr = signal_to_noise(noise_scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0)

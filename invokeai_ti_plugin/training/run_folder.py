@@ -24,6 +24,8 @@ MARKER_FILENAME = ".invokeai-ti-run.json"
 LOCK_FILENAME = ".invokeai-ti-run.lock"
 # what was trained, beside the embedding: here, and beside its copy in ROOT/embeddings/
 SUMMARY_FILENAME = "embedding.json"
+# the embedding of the lowest evaluation loss (--save_best), here and in each checkpoint
+BEST_EMBEDDING_FILENAME = "learned_embeds-best.safetensors"
 _MARKER_KIND = "invokeai-ti run folder"
 
 
@@ -40,6 +42,10 @@ class RunFolder:
     @property
     def embedding(self) -> Path:
         return self.path / EMBEDDING_FILENAME
+
+    @property
+    def best_embedding(self) -> Path:
+        return self.path / BEST_EMBEDDING_FILENAME
 
     @property
     def summary(self) -> Path:
@@ -60,6 +66,11 @@ class RunFolder:
     @property
     def samples(self) -> Path:
         return self.path / "samples"
+
+    def newest_sample(self) -> Path | None:
+        """The latest sample grid, which front ends show while training."""
+        grids = list(self.samples.glob("*.png"))
+        return max(grids, key=lambda path: path.stat().st_mtime_ns) if grids else None
 
     @property
     def loss_plot(self) -> Path:
@@ -91,6 +102,7 @@ class RunFolder:
         """The names a run writes or replaces, whose clash with a foreign file is refused."""
         return [
             self.embedding,
+            self.best_embedding,
             self.summary,
             self.checkpoints,
             self.train_log,

@@ -2,7 +2,7 @@
 
 One process trains on one device; `accelerate launch` of the same command runs it data-parallel
 over GPUs or machines. Only the new word's vectors are trained; the model is frozen, runs in the
-chosen precision, and the VAE encodes each image once before training starts.
+chosen precision, and the VAE encodes each image once, the first time a batch needs it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -49,16 +49,17 @@ from .embedding_file import (
     save_vectors,
     token_dimension_mismatch,
 )
+from .evaluation import EvaluationRecord, FixedEvaluation, fixed_examples
 from .examples import ExampleSampler
 from .images import TrainingImage, load_training_images
 from .latent_cache import LatentCache
 from .loss_plot import write_loss_plot
+from .memory_plan import free_gpu_bytes, plan_memory
 from .model_files import (
+    FolderModelSource,
     ModelInfo,
     ModelParts,
-    inspect_model,
-    load_model_parts,
-    load_vae,
+    ModelSource,
     require_trainable,
 )
 from .new_tokens import (
@@ -69,6 +70,7 @@ from .new_tokens import (
     placeholder_tokens,
 )
 from .objective import denoising_loss
+from .optimizers import build_optimizer, limit_norms, scaled_learning_rate
 from .prompts import caption_prompt, training_prompts, validation_prompt
 from .run_folder import RunFolder
 from .samples import render_samples, save_grid
@@ -113,9 +115,15 @@ class Trainer:
     """Runs one training; `request_stop` (also bound to Ctrl-C once training has begun) ends it
     after the current update with a checkpoint and the embedding so far."""
 
-    def __init__(self, config: TrainingConfig, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainingConfig,
+        on_progress: ProgressCallback | None = None,
+        model_source: ModelSource | None = None,  # None: the diffusers folder config.model
+    ) -> None:
         self.config = config
         self.on_progress = on_progress
+        self.model_source = model_source
         self._stop_requested = False
         self.model_parts: ModelParts | None = None  # the last run's (frozen) model, to inspect
 
@@ -124,12 +132,15 @@ class Trainer:
 
     def run(self) -> TrainingResult:
         with RunFolder(self.config.out_dir) as folder:
-            return self._run(folder)
+            source = self.model_source or FolderModelSource(Path(self.config.model).expanduser())
+            with closing(source):
+                return self._run(folder, source)
 
-    def _run(self, folder: RunFolder) -> TrainingResult:
+    def _run(self, folder: RunFolder, source: ModelSource) -> TrainingResult:
         config = self.config
-        info = inspect_model(Path(config.model).expanduser())
+        info = source.info
         require_trainable(info)
+        _require_exportable(info, config.only_save_embeds)
         resolution = config.resolution or info.native_resolution
         out = config.out_dir
         main_process = _is_main_rank()
@@ -149,9 +160,9 @@ class Trainer:
         image_record = image_fingerprints(images)
         if resume is not None:
             check_same_images(resume, image_record, config.data_dir)
-        mixed_precision = _usable_mixed_precision(config.mixed_precision)
-        logger.info("loading %s (%s)", info.folder, info.base)
-        parts = load_model_parts(info, _DTYPES[mixed_precision])
+        mixed_precision = _source_precision(_usable_mixed_precision(config.mixed_precision), source)
+        logger.info("loading %s (%s)", info.label, info.base)
+        parts = source.load_parts(_DTYPES[mixed_precision])
         self.model_parts = parts
         new_words = [
             (
@@ -214,12 +225,10 @@ class _Run:
         self.resumed: ResumePoint | None = None
         device = accelerator.device
         _choose_attention(parts, config.enable_xformers_memory_efficient_attention)
-        if config.gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
 
         logger.info("%d images at %d px, each encoded once (and mirrored)", len(images), resolution)
         self.latents = LatentCache(
-            load_vae(parts.info, parts.dtype).to(device),
+            parts.vae_loader().to(device),
             torch.stack([image.pixels for image in images]),
             with_flips=True,
         )
@@ -228,6 +237,17 @@ class _Run:
         for encoder, (token_ids, start) in zip(parts.text_encoders, new_words, strict=True):
             encoder.to(device)
             self.placeholders.append(install_placeholder_embedding(encoder, token_ids, start))
+        memory = plan_memory(
+            config.gradient_checkpointing,
+            free_gpu_bytes(device),
+            parts.info.base,
+            resolution,
+            config.train_batch_size,
+            parts.dtype,
+        )
+        if memory.gradient_checkpointing:
+            logger.info("gradient checkpointing on: %s", memory.reason)
+            parts.unet.enable_gradient_checkpointing()
 
         self.token_text = " ".join(placeholder_tokens(config.placeholder_token, config.num_vectors))
         templates = training_prompts(self.token_text, config.learnable_property)
@@ -246,20 +266,9 @@ class _Run:
             len(images), len(templates), flip=True, generator=self.generator
         )
 
-        learning_rate = config.learning_rate
-        if config.scale_lr:
-            learning_rate *= (
-                config.gradient_accumulation_steps
-                * config.train_batch_size
-                * accelerator.num_processes
-            )
-        self.learning_rate = learning_rate
-        optimizer = torch.optim.AdamW(
-            [placeholder.vectors for placeholder in self.placeholders],
-            lr=learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
+        self.learning_rate = scaled_learning_rate(config, accelerator.num_processes)
+        optimizer = build_optimizer(
+            config, [placeholder.vectors for placeholder in self.placeholders], self.learning_rate
         )
         self.lr_scheduler = get_scheduler(
             config.lr_scheduler,
@@ -271,6 +280,32 @@ class _Run:
         self.conditioning = TextConditioning(
             parts.tokenizers, encoders, templates + captions, device
         )
+        logger.info(
+            "initial vector norms: %s",
+            ", ".join(f"{norm:.3f}" for p in self.placeholders for norm in p.vectors.norm(dim=-1)),
+        )
+        self.record = EvaluationRecord()  # kept up to date on the main process
+        self.evaluation: FixedEvaluation | None = None
+        if config.eval_loss and accelerator.is_main_process:
+            self.evaluation = FixedEvaluation(
+                fixed_examples(
+                    self.caption_row,
+                    len(templates),
+                    parts.noise_scheduler.config.num_train_timesteps,
+                ),
+                self.latents,
+                TextConditioning(
+                    parts.tokenizers,
+                    [accelerator.unwrap_model(e) for e in encoders],
+                    templates + captions,
+                    device,
+                ),
+                self.time_ids,
+                parts.unet,
+                parts.noise_scheduler,
+                config.train_batch_size,
+                device,
+            )
         self.history = _History(folder, accelerator)
         self.tracking = bool(accelerator.log_with)
         if self.tracking:
@@ -298,6 +333,8 @@ class _Run:
             self.optimizer.load_state_dict(snapshot.optimizer)
             self.lr_scheduler.load_state_dict(snapshot.lr_scheduler)
             self._continue_at_learning_rate()
+            if "evaluation" in snapshot.facts:
+                self.record.load_state_dict(snapshot.facts["evaluation"], snapshot.best_vectors)
         except (LookupError, TypeError, ValueError, RuntimeError, ArithmeticError) as error:
             raise UserInputError(  # files that load but do not fit together: damaged or forged
                 f"cannot resume from {point.folder}: its state does not fit this run ({error}); "
@@ -308,6 +345,7 @@ class _Run:
         self.step = snapshot.step
         self.resumed = point
         self.history.truncate(self.step)
+        self._save_best()  # the best file on disk may be from beyond this checkpoint
         logger.info("resuming from %s at step %d", point.folder, self.step)
 
     def _continue_at_learning_rate(self) -> None:
@@ -331,6 +369,8 @@ class _Run:
         seconds_per_step = 0.0
         last = time.perf_counter()
         stopped = False
+        if self.resumed is None:
+            self._evaluate()
         while self.step < config.max_train_steps:
             loss_sum = torch.zeros((), device=accelerator.device)
             for _ in range(config.gradient_accumulation_steps):
@@ -342,6 +382,8 @@ class _Run:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
+            if config.max_embedding_norm is not None:
+                limit_norms([p.vectors for p in self.placeholders], config.max_embedding_norm)
             if not self.optimizer.step_was_skipped:
                 self.lr_scheduler.step()
             self.step += 1
@@ -354,7 +396,7 @@ class _Run:
                 elapsed if seconds_per_step == 0 else 0.9 * seconds_per_step + 0.1 * elapsed
             )
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
-            self.history.add(self.step, loss_value, learning_rate)
+            self.history.add(self.step, loss_value, learning_rate, self._evaluate_if_due())
             if self.tracking:
                 accelerator.log({"loss": loss_value, "lr": learning_rate}, step=self.step)
             if accelerator.is_main_process and self.trainer.on_progress:
@@ -422,7 +464,37 @@ class _Run:
             noise,
             timesteps.to(device),
             added,
+            snr_gamma=self.config.snr_gamma,
         )
+
+    def _evaluate_if_due(self) -> float | None:
+        """Every --validation_steps and at the last step, as the sample grids."""
+        every = self.config.validation_steps
+        due = self.step == self.config.max_train_steps or (every and self.step % every == 0)
+        return self._evaluate() if due else None
+
+    def _evaluate(self) -> float | None:
+        """The fixed-noise evaluation loss now (main process; None when it is off)."""
+        if self.evaluation is None:
+            return None
+        value = self.evaluation.measure()
+        if self.record.add(self.step, value, self.learned_vectors().tensors):
+            self._save_best()
+        if self.tracking:
+            self.accelerator.log({"eval_loss": value}, step=self.step)
+        logger.info("evaluation loss at step %d: %.5f", self.step, value)
+        return value
+
+    def _save_best(self) -> None:
+        """The best embedding so far, beside the last (--save_best, main process)."""
+        best = self.record.best_vectors
+        if not (self.config.save_best and self.accelerator.is_main_process and best):
+            return
+        self.folder.take(self.folder.best_embedding)
+        record = self.record
+        metadata = {k: str(v) for k, v in self._facts().items() if k != "num_processes"}
+        metadata.update(steps=str(record.best_step), eval_loss=str(record.best))
+        save_vectors(self.folder.best_embedding, EmbeddingVectors(best), metadata)
 
     def save_samples(self) -> Path | None:
         """A grid of samples for the validation prompt (main process); None when disabled."""
@@ -483,10 +555,19 @@ class _Run:
                 vectors=self.learned_vectors().tensors,
                 optimizer=self.optimizer.state_dict(),
                 lr_scheduler=self.lr_scheduler.state_dict(),
-                facts={**self._facts(), "images": self.image_record},
+                facts={
+                    **self._facts(),
+                    "images": self.image_record,
+                    "optimizer": self.config.optimizer,
+                    "evaluation": self.record.state_dict(),
+                },
+                best_vectors=self.record.best_vectors,
             )
             finish_checkpoint(temp, final, snapshot)
-            self.history.plot(f"{self.config.placeholder_token} on {self.parts.info.folder.name}")
+            self.history.plot(
+                f"{self.config.placeholder_token} on {Path(self.parts.info.label).name}",
+                self.record.start,
+            )
             logger.info("saved checkpoint at step %d", self.step)
         accelerator.wait_for_everyone()
         return final
@@ -503,15 +584,18 @@ class _Run:
             summary = {
                 **facts,
                 "model": self.config.model,
-                "model_folder": str(self.parts.info.folder),
+                "model_folder": str(self.parts.info.folder or ""),
                 "resolution": self.resolution,
                 "steps": self.step,
                 "completed": completed,
                 "embedding": embedding_path.name,
+                "evaluation": self.record.summary(
+                    self.folder.best_embedding.name if self.config.save_best else None
+                ),
                 "options": self.config.model_dump(mode="json"),
             }
             write_json_atomically(summary_path, summary)
-            if not self.config.only_save_embeds:
+            if not self.config.only_save_embeds and self.parts.info.folder is not None:
                 _export_pipeline(
                     self.parts.info.folder,
                     embedding_path,
@@ -555,14 +639,20 @@ class _History:
         kept = "".join(f"{line}\n" for line in lines if _step_of(line) <= step)
         write_atomically(self.path, lambda temp: temp.write_text(kept, encoding="utf-8"))
 
-    def plot(self, title: str) -> None:
+    def plot(self, title: str, start_eval: float | None) -> None:
         if self.enabled and self.path.is_file():
-            write_loss_plot(self.path, self.plot_path, title)
+            write_loss_plot(self.path, self.plot_path, title, start_eval)
 
-    def add(self, step: int, loss: float, learning_rate: float) -> None:
+    def add(
+        self, step: int, loss: float, learning_rate: float, eval_loss: float | None = None
+    ) -> None:
+        """One line per update; `eval_loss` when the evaluation loss was measured after it."""
         if self.enabled:
+            record = {"step": step, "loss": loss, "lr": learning_rate}
+            if eval_loss is not None:
+                record["eval_loss"] = eval_loss
             with disk_full_explained(self.path), self.path.open("a", encoding="utf-8") as file:
-                file.write(json.dumps({"step": step, "loss": loss, "lr": learning_rate}) + "\n")
+                file.write(json.dumps(record) + "\n")
 
 
 def _step_of(history_line: str) -> float:
@@ -582,6 +672,35 @@ def _usable_mixed_precision(requested: str) -> str:
         logger.warning("fp16 needs a CUDA GPU; training in full precision on this device")
         return "no"
     return requested
+
+
+def _source_precision(requested: str, source: ModelSource) -> str:
+    """A model InvokeAI loads comes in the precision InvokeAI chose (its `precision` setting and
+    device); the run follows it rather than convert the host's shared weights."""
+    if source.dtype is None:
+        return requested
+    (chosen,) = [name for name, dtype in _DTYPES.items() if dtype == source.dtype]
+    if chosen != requested:
+        logger.warning(
+            "InvokeAI loads %s in %s (its precision setting); training with mixed precision "
+            "%r instead of %r",
+            source.info.label,
+            str(source.dtype).removeprefix("torch."),
+            chosen,
+            requested,
+        )
+    return chosen
+
+
+def _require_exportable(info: ModelInfo, only_save_embeds: bool) -> None:
+    """--no-only_save_embeds writes a diffusers pipeline, built from the model's folder."""
+    if not only_save_embeds and info.folder is None:
+        raise UserInputError(
+            f"--no-only_save_embeds saves a diffusers pipeline, but {info.label} is a single-file "
+            "checkpoint; keep --only_save_embeds (the default), or convert the model to "
+            "diffusers in InvokeAI's model manager",
+            option="only_save_embeds",
+        )
 
 
 @contextmanager
@@ -629,11 +748,18 @@ def _is_main_rank() -> bool:
 def _clear_previous_run(folder: RunFolder) -> None:
     """A fresh run (allowed to overwrite) starts without the old run's checkpoints and log;
     only what our runs wrote is deleted."""
-    folder.discard(*folder.owned_in(folder.checkpoints), folder.history)
+    folder.discard(*folder.owned_in(folder.checkpoints), folder.history, folder.best_embedding)
 
 
 def _check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: ModelInfo) -> None:
     facts = snapshot.facts
+    optimizer = facts.get("optimizer", "adamw")  # checkpoints from before --optimizer: AdamW
+    if optimizer != config.optimizer:
+        raise UserInputError(
+            f"the checkpoint was trained with --optimizer {optimizer}, not {config.optimizer}; "
+            f"resume with --optimizer {optimizer}, or start over with --overwrite",
+            option="resume_from_checkpoint",
+        )
     if int(facts["token_dimension"]) != info.token_dim:
         raise token_dimension_mismatch(
             config.trigger, int(facts["token_dimension"]), info.token_dim

@@ -1,0 +1,56 @@
+"""The optimizer over the new word's vectors, built from the config, and the norm limit.
+
+Only the new vectors are parameters, so Prodigy's step-size estimate sees only them: with the
+classic recipe's whole token table it also counts the frozen rows and its step size collapses
+(kohya-ss/sd-scripts#980).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TrainingConfig
+
+
+def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
+    """--learning_rate, scaled by the effective batch when --scale_lr asks for it; Prodigy's
+    rate multiplies its own estimate, which already follows the gradients it sees."""
+    rate = config.learning_rate
+    assert rate is not None  # filled in by the config from the optimizer
+    if config.scale_lr and config.optimizer == "adamw":
+        rate *= config.gradient_accumulation_steps * config.train_batch_size * num_processes
+    return rate
+
+
+def build_optimizer(
+    config: TrainingConfig, vectors: list[nn.Parameter], rate: float
+) -> torch.optim.Optimizer:
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy's own defaults otherwise: its warm-up safeguard, advised for diffusion
+        # models, held the step size at its start (1e-6) for good in TI on the tiny pipeline
+        return Prodigy(
+            vectors,
+            lr=rate,
+            betas=betas,
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+    return torch.optim.AdamW(
+        vectors,
+        lr=rate,
+        betas=betas,
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+
+
+@torch.no_grad()
+def limit_norms(vectors: list[nn.Parameter], max_norm: float) -> None:
+    """Scale down, in place, each vector (row) longer than `max_norm`; shorter ones stay."""
+    for table in vectors:
+        norms = table.norm(dim=-1, keepdim=True)
+        table.mul_((max_norm / norms.clamp(min=max_norm)).to(table.dtype))
