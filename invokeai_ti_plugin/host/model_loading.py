@@ -19,7 +19,9 @@ cache, and training shares those parts instead of loading a second copy:
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -207,7 +209,7 @@ def standalone_model_loader(
     from invokeai.app.services.events.events_base import EventServiceBase
     from invokeai.app.services.model_manager.model_manager_default import ModelManagerService
 
-    with open_host_models(root) as models:
+    with open_host_models(root) as models, _host_log_on_our_console(ModelManagerService.__name__):
         manager = ModelManagerService.build_model_manager(
             app_config=models.config,
             model_record_service=models.store,
@@ -221,3 +223,27 @@ def standalone_model_loader(
         finally:
             for cache in load_service.ram_caches.values():  # type: ignore[attr-defined]
                 cache.shutdown()
+
+
+@contextmanager
+def _host_log_on_our_console(name: str) -> Iterator[None]:
+    """The host's model manager logs every cache decision for its own console; on ours only
+    its warnings belong, written to the stderr of now (its handler keeps the stream it was
+    made with)."""
+    from invokeai.backend.util.logging import InvokeAILogger
+
+    handlers = [
+        handler
+        for handler in InvokeAILogger.get_logger(name).handlers
+        if type(handler) is logging.StreamHandler
+    ]
+    before = [(handler.level, handler.stream) for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(logging.WARNING)
+        handler.stream = sys.stderr  # not setStream: it flushes the old one, maybe closed
+    try:
+        yield
+    finally:
+        for handler, (level, stream) in zip(handlers, before, strict=True):
+            handler.setLevel(level)
+            handler.stream = stream
