@@ -19,7 +19,8 @@ from pathlib import Path
 from bench_training import build_model, images_dir, sd15_model_dir, tiny_model_dir
 
 from invokeai_ti_plugin.config import TrainingConfig
-from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+from invokeai_ti_plugin.training.reports import ProgressUpdate
+from invokeai_ti_plugin.training.trainer import Trainer
 
 DEFAULT_STEPS = 3000
 DEFAULT_GRIDS = DEFAULT_STEPS // 500  # at 500, 1000, ..., 2500 and at the end

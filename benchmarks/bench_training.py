@@ -465,7 +465,8 @@ def _torch_threads() -> int:
 def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> None:
     """Our real code path: a TrainingConfig run by Trainer, timed by its progress callback."""
     from invokeai_ti_plugin.config import TrainingConfig
-    from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+    from invokeai_ti_plugin.training.reports import ProgressUpdate
+    from invokeai_ti_plugin.training.trainer import Trainer
 
     clock.mark_imports_done()
 

@@ -12,7 +12,7 @@ from .errors import UserInputError
 
 if TYPE_CHECKING:  # the trainer imports torch: loaded only once a command needs it
     from .job import JobResult
-    from .training.trainer import ProgressUpdate
+    from .training.reports import ProgressUpdate
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 130

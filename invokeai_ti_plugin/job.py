@@ -24,7 +24,8 @@ from .host.node_pack import install_node_pack
 from .host.running_server import refresh_running_server
 from .training.embedding_file import read_embedding_vectors
 from .training.model_files import ModelSource
-from .training.trainer import ProgressCallback, Trainer, TrainingResult
+from .training.reports import ProgressCallback, TrainingResult
+from .training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.latent_cache import LatentCache
 from invokeai_ti_plugin.training.model_files import (
     ModelParts,
+    ModelSource,
     inspect_model,
     load_model_parts,
     load_vae,
@@ -184,6 +185,22 @@ def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) ->
                 )
             )
     return float(torch.stack(losses).mean())
+
+
+class RecordingSource:
+    """A model source that keeps the parts it hands to the trainer, so a test can inspect the
+    model a run trained with; everything else is the wrapped source's."""
+
+    def __init__(self, source: ModelSource) -> None:
+        self.source = source
+        self.parts: ModelParts | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+    def load_parts(self, dtype: torch.dtype) -> ModelParts:
+        self.parts = self.source.load_parts(dtype)
+        return self.parts
 
 
 def assert_only_the_new_vectors_changed(original: ModelParts, trained: ModelParts) -> None:

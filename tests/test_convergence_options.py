@@ -20,7 +20,8 @@ from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 from invokeai_ti_plugin.training.loss_plot import write_loss_plot
 from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
 from invokeai_ti_plugin.training.objective import denoising_loss, snr_weights
-from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+from invokeai_ti_plugin.training.reports import ProgressUpdate
+from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import embedding_vectors
 

@@ -24,7 +24,14 @@ from invokeai_ti_plugin.tiny_single_file import (
 )
 from invokeai_ti_plugin.training.trainer import Trainer
 
-from .conftest import COMMAND, _cache_dir, fails_cleanly, host_cli_args, host_records
+from .conftest import (
+    COMMAND,
+    RecordingSource,
+    _cache_dir,
+    fails_cleanly,
+    host_cli_args,
+    host_records,
+)
 
 CHECKPOINT_NAME = "tiny-sd-1-file"
 
@@ -149,16 +156,17 @@ def test_training_through_the_hosts_cache_gives_every_part_back_as_it_was(
         eos, unet_flags = encoder.config.eos_token_id, [p.requires_grad for p in unet.parameters()]
         processors = dict(unet.attn_processors)
 
-        trainer = Trainer(config, None, host_model_source(model.record, load))
+        source = RecordingSource(host_model_source(model.record, load))
         with caplog.at_level(logging.WARNING):
-            result = trainer.run()
+            result = Trainer(config, None, source).run()
 
         assert result.completed and result.embedding_path.is_file()
-        assert trainer.model_parts is not None
-        assert trainer.model_parts.unet is unet  # shared with the cache, never copied
-        assert trainer.model_parts.text_encoders[0] is encoder
-        assert trainer.model_parts.tokenizers[0] is not tokenizer  # the run's own copy
-        assert trainer.model_parts.dtype == torch.float32  # the host's precision on a CPU
+        parts = source.parts
+        assert parts is not None
+        assert parts.unet is unet  # shared with the cache, never copied
+        assert parts.text_encoders[0] is encoder
+        assert parts.tokenizers[0] is not tokenizer  # the run's own copy
+        assert parts.dtype == torch.float32  # the host's precision on a CPU
         assert "InvokeAI loads tiny-sd-1 in float32" in caplog.text
 
         assert load(SubModelType.TextEncoder).model is encoder

@@ -23,8 +23,9 @@ from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.errors import UserInputError
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints, load_checkpoint, resume_point
+from invokeai_ti_plugin.training.reports import ProgressUpdate
 from invokeai_ti_plugin.training.run_folder import MARKER_FILENAME
-from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import COMMAND, cli_args, embedding_vectors, host_records, one_error_line
 

@@ -20,7 +20,8 @@ from invokeai_ti_plugin.training.new_tokens import (
     initializer_vectors,
 )
 from invokeai_ti_plugin.training.prompts import training_prompts
-from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+from invokeai_ti_plugin.training.reports import ProgressUpdate
+from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import (
     DIMENSION_MISMATCH,

@@ -19,15 +19,22 @@ from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.latent_cache import LatentCache
-from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts, load_vae
+from invokeai_ti_plugin.training.model_files import (
+    FolderModelSource,
+    inspect_model,
+    load_model_parts,
+    load_vae,
+)
 from invokeai_ti_plugin.training.new_tokens import (
     add_placeholder_tokens,
     initializer_vectors,
 )
 from invokeai_ti_plugin.training.objective import denoising_loss
-from invokeai_ti_plugin.training.trainer import ProgressUpdate, Trainer
+from invokeai_ti_plugin.training.reports import ProgressUpdate
+from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import (
+    RecordingSource,
     assert_only_the_new_vectors_changed,
     embedding_vectors,
     fixed_eval_loss,
@@ -63,10 +70,10 @@ def test_training_lowers_the_loss_on_the_training_images(
 
 def test_only_the_new_vectors_change(make_config: MakeConfig, sd1_model: Path) -> None:
     config = make_config(max_train_steps=3)
-    trainer = Trainer(config)
-    trainer.run()
-    assert trainer.model_parts is not None
-    trained = trainer.model_parts
+    source = RecordingSource(FolderModelSource(sd1_model))
+    Trainer(config, None, source).run()
+    assert source.parts is not None
+    trained = source.parts
     original = load_model_parts(inspect_model(sd1_model))
     assert_only_the_new_vectors_changed(original, trained)
     table = trained.text_encoders[0].get_input_embeddings().weight

@@ -50,8 +50,9 @@ from ..console import progress_line
 from ..errors import UserInputError
 from ..job import run_job
 from ..training.model_files import ModelSource
+from ..training.reports import ProgressUpdate
 from ..training.run_folder import RunFolder
-from ..training.trainer import ProgressUpdate, Trainer
+from ..training.trainer import Trainer
 from .board_images import export_board
 from .embeddings import embedding_records
 from .model_db import HostModels

@@ -12,8 +12,8 @@ from textual.widgets import ProgressBar, Static
 
 from ..config import TrainingConfig
 from ..console import progress_line
+from ..training.reports import ProgressUpdate
 from ..training.run_folder import RunFolder
-from ..training.trainer import ProgressUpdate
 
 LOG_LINES = 200
 RESUME_IN_THE_FORM = "To continue, open the form again with Resume ticked."

@@ -11,7 +11,7 @@ from textual.message_pump import MessagePump
 from ..config import TrainingConfig
 from ..errors import UserInputError
 from ..job import JobResult
-from ..training.trainer import ProgressUpdate
+from ..training.reports import ProgressUpdate
 
 
 class RunStarted(Message):

@@ -1,0 +1,39 @@
+"""A whole diffusers pipeline with the new word built in, for --no-only_save_embeds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .embedding_file import SDXL_KEYS, read_embedding_vectors
+from .run_folder import RunFolder
+
+logger = logging.getLogger(__name__)
+
+
+def export_pipeline(
+    model_folder: Path, embedding_path: Path, token: str, folder: RunFolder
+) -> None:
+    """A whole diffusers pipeline with the new word built in (--no-only_save_embeds)."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
+    vectors = read_embedding_vectors(embedding_path).tensors
+    if set(vectors) == set(SDXL_KEYS):
+        for key, suffix in zip(SDXL_KEYS, ("", "_2"), strict=True):
+            pipeline.load_textual_inversion(
+                vectors[key],
+                token=token,
+                text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
+                tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
+            )
+    else:
+        pipeline.load_textual_inversion(str(embedding_path), token=token)
+    target = folder.pipeline
+    temp = folder.partial(target)
+    folder.take(temp)
+    folder.discard(temp)
+    pipeline.save_pretrained(str(temp))
+    folder.discard(target)
+    temp.rename(target)
+    logger.info("saved a pipeline with %s built in: %s", token, target)
