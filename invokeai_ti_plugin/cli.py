@@ -18,8 +18,9 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import TrainingConfig, build_config, default_root
+from .config import TrainingConfig, build_config
 from .console import guarded, setup_logging, train_on_console
+from .host.app_config import find_root
 
 PROG = "invokeai-ti"
 
@@ -130,7 +131,7 @@ def import_main(argv: Sequence[str]) -> int:
         from .host.importing import import_embeddings
         from .job import resolve_model_folder
 
-        root = args.root or default_root()
+        root = args.root or find_root()
         folder = resolve_model_folder(args.model, root) if args.model else None
         report = import_embeddings(root, args.sources, args.name, folder)
         for what in report.skipped:
@@ -169,7 +170,7 @@ def export_main(argv: Sequence[str]) -> int:
     def run() -> int:
         from .host.exporting import export_embedding
 
-        root = args.root or default_root()
+        root = args.root or find_root()
         exported = export_embedding(root, args.name, args.base, args.folder, args.overwrite)
         print(f"Exported <{exported.name}> ({exported.base}) to {exported.path}")
         return 0
@@ -187,7 +188,7 @@ def install_nodes_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     from .host.node_pack import install_node_pack, node_pack_folder
 
-    root = args.root or default_root()
+    root = args.root or find_root()
     written = install_node_pack(root)
     print(f"{'Installed' if written else 'Already installed'}: {node_pack_folder(root)}")
     return 0
@@ -199,12 +200,13 @@ def train_main(argv: Sequence[str]) -> int:
     def run() -> int:
         if options.pop("list_models"):
             setup_logging()
-            return list_models(options.get("root") or default_root())
+            return list_models(options.get("root") or find_root())
         if options.pop("gui"):
             from .tui import run_form
 
-            return run_form(options.pop("root", None) or default_root(), options)
-        config = build_config(options)  # bad options are reported before the libraries load
+            return run_form(options.pop("root", None) or find_root(), options)
+        # bad options are reported before the libraries load
+        config = build_config({**options, "root": options.get("root") or find_root()})
         setup_logging()
         return train_on_console(config)
 

@@ -37,13 +37,6 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {"adamw": 5e-4, "prodigy": 1.0}
 LearnableProperty = Literal["object", "style"]
 
 
-def default_root() -> Path:
-    """InvokeAI's root folder, by InvokeAI's own rule plus an unactivated ROOT/.venv."""
-    from .host.app_config import find_root
-
-    return find_root()
-
-
 def xformers_installed() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
@@ -123,8 +116,7 @@ class TrainingConfig(BaseModel):
         description="What the images share: 'object' (a thing: 'a photo of a <token>') or "
         "'style' (a look: 'a painting in the style of <token>'). Chooses the prompt templates.",
     )
-    root: Path = Field(
-        default_factory=default_root,
+    root: Path = Field(  # no default here: front ends ask the host (host/app_config.find_root)
         description="The InvokeAI root folder, where models are registered and the default "
         "data and output folders live. Default: $INVOKEAI_ROOT, else the parent of the active "
         "virtualenv, else the parent of the virtualenv this command is installed in when that "

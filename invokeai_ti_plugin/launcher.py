@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .config import default_root
+from .host.app_config import find_root
 from .host.plugins_loader import ENTRY_POINT_GROUP
 from .plugin import MenuEntry
 
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
     args = parser.parse_args(argv)
-    root = (args.root or default_root()).expanduser().absolute()
+    root = (args.root or find_root()).expanduser().absolute()
     os.environ["INVOKEAI_ROOT"] = str(root)  # plugins, the web UI and the console all use it
     print(f"InvokeAI root: {root}")
     return run_menu(menu_entries(root))

@@ -24,11 +24,11 @@ class MenuEntry(NamedTuple):
 
 def _train_from_menu() -> int:
     """The terminal form, for the root the launcher chose (it exports INVOKEAI_ROOT)."""
-    from .config import default_root
     from .console import guarded
+    from .host.app_config import find_root
     from .tui import run_form
 
-    return guarded("textual inversion training", lambda: run_form(default_root()))
+    return guarded("textual inversion training", lambda: run_form(find_root()))
 
 
 class TextualInversionPlugin:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from invokeai_ti_plugin.config import TrainingConfig, xformers_installed
+from invokeai_ti_plugin.config import TrainingConfig, build_config, xformers_installed
+from invokeai_ti_plugin.host.app_config import find_root
 
 from .conftest import write_image
 
@@ -44,8 +45,11 @@ def test_folders_default_to_the_trigger_under_the_root(root_with_data: Path) -> 
 def test_root_comes_from_invokeai_root(
     root_with_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """What the command line trains with when --root is not given: InvokeAI's rule."""
     monkeypatch.setenv("INVOKEAI_ROOT", str(root_with_data))
-    config = TrainingConfig(model="m", placeholder_token="<psychedelic>")
+    config = build_config(
+        {"model": "m", "placeholder_token": "<psychedelic>", "root": find_root()}
+    )
     assert config.root == root_with_data
 
 
@@ -80,7 +84,9 @@ def test_bad_values_are_refused_with_their_field(
 
 def test_missing_data_dir_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as caught:
-        TrainingConfig(model="m", placeholder_token="<x>", train_data_dir=tmp_path / "nope")
+        TrainingConfig(
+            model="m", placeholder_token="<x>", root=tmp_path, train_data_dir=tmp_path / "nope"
+        )
     (error,) = caught.value.errors()
     assert error["loc"] == ("train_data_dir",)
     assert "does not exist" in error["msg"]
@@ -89,7 +95,7 @@ def test_missing_data_dir_is_refused(tmp_path: Path) -> None:
 def test_data_dir_without_images_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a picture")
     with pytest.raises(ValidationError) as caught:
-        TrainingConfig(model="m", placeholder_token="<x>", train_data_dir=tmp_path)
+        TrainingConfig(model="m", placeholder_token="<x>", root=tmp_path, train_data_dir=tmp_path)
     (error,) = caught.value.errors()
     assert error["loc"] == ("train_data_dir",)
     assert "no PNG, JPEG or WebP images" in error["msg"]
