@@ -52,7 +52,8 @@ FIELDS: tuple[FormField, ...] = (
     FormField("mixed_precision", "Mixed precision", "choice", width=24),
     FormField("max_train_steps", "Max steps", "integer"),
     FormField("train_batch_size", "Batch size", "integer", "images per step"),
-    FormField("learning_rate", "Learning rate", "number"),
+    FormField("optimizer", "Optimizer", "choice", "prodigy: no rate to tune", width=24),
+    FormField("learning_rate", "Learning rate", "number", "blank: the optimizer's"),
     FormField("scale_lr", "Scale LR", "check", "by GPUs x batch size x accumulation"),
     FormField(
         "enable_xformers_memory_efficient_attention", "xformers", "check", "memory-efficient"
