@@ -15,7 +15,11 @@ from PIL import Image
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
-from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
+from invokeai_ti_plugin.training.model_files import (
+    FolderModelSource,
+    inspect_model,
+    load_model_parts,
+)
 from invokeai_ti_plugin.training.new_tokens import (
     initializer_vectors,
 )
@@ -25,6 +29,7 @@ from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import (
     DIMENSION_MISMATCH,
+    RecordingSource,
     assert_only_the_new_vectors_changed,
     fixed_eval_loss,
     generate,
@@ -49,8 +54,8 @@ def test_sdxl_trains_both_encoders_and_only_their_new_rows(
             ("clip_l", "clip_g"), original.tokenizers, original.text_encoders, strict=True
         )
     }
-    trainer = Trainer(config)
-    result = trainer.run()
+    source = RecordingSource(FolderModelSource(sdxl_model))
+    result = Trainer(config, None, source).run()
     stored = read_embedding_vectors(result.embedding_path)
     assert {key: tuple(t.shape) for key, t in stored.tensors.items()} == {
         "clip_l": (1, 768),
@@ -59,8 +64,8 @@ def test_sdxl_trains_both_encoders_and_only_their_new_rows(
     for key in starts:
         assert not torch.equal(stored.tensors[key], starts[key]), f"{key} did not learn"
 
-    assert trainer.model_parts is not None
-    assert_only_the_new_vectors_changed(original, trainer.model_parts)
+    assert source.parts is not None
+    assert_only_the_new_vectors_changed(original, source.parts)
 
     before = fixed_eval_loss(config, starts)
     after_loss = fixed_eval_loss(config, stored.tensors)
@@ -152,20 +157,22 @@ def test_captions_are_the_prompts_of_their_images(
         shutil.copy(object_images / name, data / name)
     (data / "demo_00.txt").write_text("a {} lying on the beach\n")
     config = make_config(train_data_dir=data, max_train_steps=8, train_batch_size=2)
-    trainer = Trainer(config)
+    source = RecordingSource(FolderModelSource(Path(config.model)))
+    trainer = Trainer(config, None, source)
     seen: list[list[int]] = []
 
     def watch_prompts(update: ProgressUpdate) -> None:
         if update.step == 1:
-            assert trainer.model_parts is not None
-            encoder = trainer.model_parts.text_encoders[0]
+            assert source.parts is not None
+            encoder = source.parts.text_encoders[0]
             encoder.register_forward_pre_hook(
                 lambda module, args: seen.extend(args[0].tolist()) if args else None
             )
 
     trainer.on_progress = watch_prompts
     trainer.run()
-    tokenizer = trainer.model_parts.tokenizers[0]  # type: ignore[union-attr]
+    assert source.parts is not None
+    tokenizer = source.parts.tokenizers[0]
 
     def ids_of(prompt: str) -> tuple[int, ...]:
         return tuple(tokenizer(prompt, padding="max_length", max_length=77).input_ids)
