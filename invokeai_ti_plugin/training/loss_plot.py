@@ -52,7 +52,7 @@ def write_loss_plot(
     rate_axis.plot(steps, [record["lr"] for record in records], color="tab:orange", label="lr")
     rate_axis.set_ylabel("learning rate", color="tab:orange")
     loss_axis.set_title(title)
-    figure.legend(loc="upper right")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.9))  # room above the axes for the legend
+    figure.legend(loc="upper center", ncol=4, frameon=False)
     write_atomically(plot_path, lambda temp: figure.savefig(temp, format="png"))
     pyplot.close(figure)
