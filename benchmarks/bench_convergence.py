@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_training import build_model, images_dir, sd15_model_dir, tiny_model_dir
+from bench_training import WORKDIR, build_model, images_dir, sd15_model_dir, tiny_model_dir
 
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
@@ -154,9 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", dest="resolution_override", type=int)
     parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument(
-        "--workdir", type=Path, default=Path.home() / ".cache/invokeai-ti-plugin/benchmarks"
-    )
+    parser.add_argument("--workdir", type=Path, default=WORKDIR)
     args = parser.parse_args(argv)
     args.settings = args.settings.split(",")
     if unknown := set(args.settings) - set(SETTINGS):

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_training import build_model, images_dir, sd15_model_dir, tiny_model_dir
+from bench_training import WORKDIR, build_model, images_dir, sd15_model_dir, tiny_model_dir
 
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.training.reports import ProgressUpdate
@@ -71,9 +71,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 256 (sd15)")
     parser.add_argument("--batch", type=int, default=3, help="the default without xformers")
     parser.add_argument("--grid-at", type=int, default=6, help="step after which a grid is drawn")
-    parser.add_argument(
-        "--workdir", type=Path, default=Path.home() / ".cache" / "invokeai-ti-plugin" / "benchmarks"
-    )
+    parser.add_argument("--workdir", type=Path, default=WORKDIR)
     args = parser.parse_args()
     folder = tiny_model_dir(args.workdir) if args.model == "tiny" else sd15_model_dir(args.workdir)
     build_model(args.model, folder)

@@ -47,6 +47,7 @@ NUM_IMAGES = 4
 # the steady state; the one-off encodes show in the first-step and time-to-last-step columns.
 DEFAULT_WARMUP = 12
 BUSY_CORES = 0.25  # cores used by other processes above which CPU timings are suspect
+WORKDIR = Path.home() / ".cache" / "invokeai-ti-plugin" / "benchmarks"  # models and images, reused
 IMAGE_SIZE = 512  # drawn larger than any benchmark resolution: loading always scales down
 
 ModelName = Literal["tiny", "sd15"]
@@ -760,7 +761,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path.home() / ".cache" / "invokeai-ti-plugin" / "benchmarks",
+        default=WORKDIR,
         help="where the built models and images are cached between runs",
     )
     parser.add_argument(

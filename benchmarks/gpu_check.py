@@ -36,6 +36,7 @@ from bench_training import (
     SD15_TEXT,
     SD15_UNET,
     SD15_VAE,
+    WORKDIR,
     Variant,
     WorkerFailed,
     WorkerJob,
@@ -534,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workdir",
         type=Path,
-        default=Path.home() / ".cache" / "invokeai-ti-plugin" / "benchmarks",
+        default=WORKDIR,
         help="where the built models and images are cached between runs",
     )
     parser.add_argument(

@@ -15,8 +15,8 @@ from typing import Any
 
 from ..config import embeddings_folder
 from ..errors import UserInputError
+from ..training.bases import TRAINABLE_BASES
 from ..training.embedding_file import (
-    BASES,
     EMBEDDING_FILENAME,
     EMBEDDING_SUFFIXES,
     EmbeddingVectors,
@@ -66,7 +66,7 @@ def name_for(file: Path, folder: Path) -> str:
     parent = file.parent
     if parent == folder or len(embedding_files(parent)) != 1:
         return file.stem
-    if parent.name in BASES:
+    if parent.name in TRAINABLE_BASES:
         return parent.parent.name if parent.parent != folder else file.stem
     return parent.name
 

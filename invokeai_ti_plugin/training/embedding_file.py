@@ -26,7 +26,7 @@ from ..atomic_files import write_atomically
 from ..config import MAX_VECTORS
 from ..errors import UserInputError
 from .a1111_image import TEXT_CHUNK, NoEmbeddingInImage, read_image_embedding
-from .bases import TOKEN_DIMS, TRAINABLE_BASES, base_of_token_dims, token_dims_text
+from .bases import TOKEN_DIMS, base_of_token_dims, token_dims_text
 from .foreign_embeddings import (
     NotAnEmbedding,
     bundled_layouts,
@@ -40,7 +40,6 @@ EMBEDDING_KEY = "emb_params"
 EMBEDDING_FILENAME = "learned_embeds.safetensors"
 EMBEDDING_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".ckpt"})  # what InvokeAI loads
 SDXL_KEYS = ("clip_l", "clip_g")
-BASES = TRAINABLE_BASES  # the bases an embedding can have (host/embedding_sync.py reads it)
 # 75 SDXL vectors in fp32 take 600 KB; a file declaring far more is refused before it is loaded
 MAX_EMBEDDING_BYTES = 16 * 2**20
 MAX_METADATA_CHARS = 2**16  # longer values (a kohya modelspec thumbnail is an image) are dropped
