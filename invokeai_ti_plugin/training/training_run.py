@@ -349,10 +349,15 @@ class TrainingRun:
         if not (self.config.save_best and self.accelerator.is_main_process and best):
             return
         self.folder.take(self.folder.best_embedding)
-        record = self.record
-        metadata = {k: str(v) for k, v in self._facts().items() if k != "num_processes"}
-        metadata.update(steps=str(record.best_step), eval_loss=str(record.best))
+        metadata = self._embedding_metadata(self.record.best_step, eval_loss=str(self.record.best))
         save_vectors(self.folder.best_embedding, EmbeddingVectors(best), metadata)
+
+    def _embedding_metadata(self, steps: int | None, **extra: str) -> dict[str, str]:
+        """What an embedding file says of itself: the run's facts as text (no process count:
+        the file is the same however many trained it), its step, and `extra`."""
+        facts = {key: str(value) for key, value in self._facts().items()}
+        del facts["num_processes"]
+        return {**facts, "steps": str(steps), **extra}
 
     def save_samples(self) -> Path | None:
         """A grid of samples for the validation prompt (main process); None when disabled."""
@@ -435,9 +440,8 @@ class TrainingRun:
         summary_path = self.folder.summary
         facts = self._facts()
         if self.accelerator.is_main_process:
-            metadata = {key: str(value) for key, value in facts.items() if key != "num_processes"}
             save_vectors(
-                embedding_path, self.learned_vectors(), {**metadata, "steps": str(self.step)}
+                embedding_path, self.learned_vectors(), self._embedding_metadata(self.step)
             )
             summary = {
                 **facts,
