@@ -32,6 +32,7 @@ LrScheduler = Literal[
 LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 MixedPrecision = Literal["no", "fp16", "bf16"]
 OptimizerName = Literal["adamw", "prodigy"]
+TorchCompile = Literal["off", "default", "reduce-overhead"]  # torch.compile's own mode names
 # --learning_rate's default for each optimizer: Prodigy's rate multiplies its own estimate
 DEFAULT_LEARNING_RATES: dict[str, float] = {"adamw": 5e-4, "prodigy": 1.0}
 LearnableProperty = Literal["object", "style"]
@@ -270,6 +271,14 @@ class TrainingConfig(BaseModel):
         "them: much less GPU memory for 1.5-2x the time per step. Off by default, but turned on "
         "by itself (and said in the log) when the GPU's free memory is short for a step "
         "without it.",
+    )
+    torch_compile: TorchCompile = Field(
+        default="off",
+        description="Compile the UNet for the training step with torch.compile: 'default' fuses "
+        "its kernels, 'reduce-overhead' also replays them as CUDA graphs. The first step then "
+        "takes a minute or more (compiling) and later steps are faster, so it pays only over a "
+        "long enough run (see the README's GPU figures). Needs triton on a CUDA GPU, a C++ "
+        "compiler on a CPU.",
     )
     seed: int | None = Field(
         default=None,

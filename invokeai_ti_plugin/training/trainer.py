@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from ..config import TrainingConfig
 from .checkpoints import check_same_images, image_fingerprints, resume_point
+from .compiled_unet import compiled_training
 from .images import load_training_images
 from .model_files import FolderModelSource, ModelSource, require_trainable
 from .new_tokens import add_placeholder_tokens, initializer_vectors
@@ -132,5 +133,8 @@ class Trainer:
             elif accelerator.is_main_process:
                 clear_previous_run(folder)
             # only now is there work to save; Ctrl-C while starting up aborts with nothing written
-            with stop_on_interrupt(self.request_stop, lambda: self._stop_requested):
+            with (
+                compiled_training(config.torch_compile),
+                stop_on_interrupt(self.request_stop, lambda: self._stop_requested),
+            ):
                 return run.train()

@@ -30,6 +30,7 @@ from .checkpoints import (
     list_checkpoints,
     save_process_state,
 )
+from .compiled_unet import unet_for_training
 from .embedding_file import EMBEDDING_KEY, SDXL_KEYS, EmbeddingVectors, save_vectors
 from .evaluation import EvaluationRecord, FixedEvaluation, fixed_examples
 from .examples import ExampleSampler
@@ -106,6 +107,7 @@ class TrainingRun:
         if memory.gradient_checkpointing:
             logger.info("gradient checkpointing on: %s", memory.reason)
             parts.unet.enable_gradient_checkpointing()
+        self.training_unet = unet_for_training(parts.unet, config.torch_compile)
 
         self.token_text = " ".join(placeholder_tokens(config.placeholder_token, config.num_vectors))
         templates = training_prompts(self.token_text, config.learnable_property)
@@ -305,6 +307,8 @@ class TrainingRun:
         )
 
     def _loss_of_next_batch(self) -> torch.Tensor:
+        if self.config.torch_compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done
         batch = self.sampler.next_batch(self.config.train_batch_size)
         device = self.accelerator.device
         latents = self.latents.sample(batch.image_index, batch.flipped, self.generator).to(device)
@@ -315,7 +319,7 @@ class TrainingRun:
         rows = torch.where(captioned >= 0, captioned, batch.prompt_index)
         hidden, added = self.conditioning.encode(rows, self.time_ids[batch.image_index.to(device)])
         return denoising_loss(
-            self.parts.unet,
+            self.training_unet,
             self.parts.noise_scheduler,
             latents,
             hidden,

@@ -1,0 +1,83 @@
+"""--torch_compile: the training step's UNet through torch.compile (inductor, for real, on the
+tiny pipeline and the CPU's C++ compiler), and what a machine that cannot compile is told."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch._dynamo.callback import callback_handler
+
+from invokeai_ti_plugin.training.model_files import FolderModelSource
+from invokeai_ti_plugin.training.trainer import Trainer
+
+from .conftest import COMMAND, RecordingSource, cli_args, embedding_vectors, one_error_line
+
+
+# CI installs a C++ compiler (.ci/run) and must run this; a local run without one skips it
+@pytest.mark.skipif(
+    not os.environ.get("CI") and shutil.which("g++") is None,
+    reason="no C++ compiler for torch.compile's CPU kernels (apt install g++)",
+)
+@pytest.mark.slow
+def test_compiled_training_learns_what_eager_training_learns(
+    make_config, sd1_model: Path, tmp_path: Path
+) -> None:
+    eager = Trainer(make_config(max_train_steps=3, output_dir=tmp_path / "eager")).run()
+
+    compilations: list[object] = []
+    callback_handler.register_start_callback(compilations.append)
+    source = RecordingSource(FolderModelSource(sd1_model))
+    compiled = Trainer(
+        make_config(max_train_steps=3, output_dir=tmp_path / "compiled", torch_compile="default"),
+        model_source=source,
+    ).run()
+
+    assert compilations, "the UNet was never compiled"
+    learned = embedding_vectors(compiled.embedding_path)
+    expected = embedding_vectors(eager.embedding_path)
+    lookup = source.parts.text_encoders[0].get_input_embeddings()
+    ball = lookup.frozen.weight[source.parts.tokenizers[0].convert_tokens_to_ids("ball</w>")]
+    assert (expected - ball.detach().cpu()).abs().max() > 1e-3  # the runs did learn
+    torch.testing.assert_close(learned, expected, rtol=1e-4, atol=1e-6)
+    # the source's UNet is the module itself, never the compiled wrapper
+    assert type(source.parts.unet) is UNet2DConditionModel
+
+
+@pytest.mark.slow
+def test_a_machine_that_cannot_compile_gets_one_line_and_can_train_without(
+    sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),  # inductor's C++ compiler on a CPU
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing compiled before
+    }
+    failed = subprocess.run(
+        [COMMAND, *cli_args(sd1_model, object_images, out, "--torch_compile=default")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert failed.returncode == 2
+    line = one_error_line(failed.stderr, "--torch_compile: torch.compile failed on this machine (")
+    assert "C++ compiler" in line and "train without --torch_compile" in line
+    assert not (out / "learned_embeds.safetensors").exists()
+
+    again = subprocess.run(
+        [COMMAND, *cli_args(sd1_model, object_images, out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (out / "learned_embeds.safetensors").is_file()
