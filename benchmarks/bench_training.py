@@ -153,8 +153,12 @@ class WorkerResult:
     last_loss: float = 0.0
     steady_peak_mib: float = 0.0  # the peak over the measured updates alone (reset after warm-up)
     peak_reserved_mib: float = 0.0  # CUDA: the most the caching allocator held; 0 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # on in this run: asked for, or chosen by our trainer
     device_name: str = ""
+    time_to_steady_s: float = 0.0  # from the process's start to the end of the warm-up
+    warmup: int = 0  # updates before the measured ones
+    torch_compile: str = "off"  # ours: --torch_compile
+    card_gib: float | None = None  # CUDA: the GPU was cut to a card of this size (see --card-gib)
 
     @property
     def steps_per_s(self) -> float:
@@ -349,6 +353,7 @@ class StepClock:
         self.other_cores = 0.0
         self.other_cores_to_first = 0.0
         self.imports_mib = 0.0
+        self.ballast_mib = 0.0  # CUDA memory held to play a smaller card, left out of the peaks
 
     def mark_imports_done(self) -> None:
         """Memory once torch, diffusers and transformers are imported: about the same in both
@@ -359,7 +364,7 @@ class StepClock:
         if self.cuda:
             import torch
 
-            return torch.cuda.max_memory_allocated() / 2**20
+            return torch.cuda.max_memory_allocated() / 2**20 - self.ballast_mib
         return _peak_rss_mib()
 
     def reserved_mib(self) -> float:
@@ -367,7 +372,7 @@ class StepClock:
             return 0.0
         import torch
 
-        return torch.cuda.max_memory_reserved() / 2**20
+        return torch.cuda.max_memory_reserved() / 2**20 - self.ballast_mib
 
     def on_step(self, step: int, loss: float) -> bool:
         """Record a finished update; True when the time limit says to stop after it."""
@@ -409,17 +414,15 @@ class StepClock:
         last_step = self.times[-1] - self.times[-2]
         return time.time() - self.started_at + last_step > self.time_limit
 
-    def result(
-        self, variant: str, model: str, device: str, gradient_checkpointing: bool
-    ) -> WorkerResult:
+    def result(self, args: argparse.Namespace, gradient_checkpointing: bool) -> WorkerResult:
         # times[k] ends update k + 1, so update k + 1 took times[k] - times[k - 1].
         measured = [b - a for a, b in itertools.pairwise(self.times[self.warmup - 1 :])]
         if not measured:
             raise RuntimeError("no measured steps: need steps >= 1 after warm-up")
         return WorkerResult(
-            variant=variant,
-            model=model,
-            device=device,
+            variant=args.worker,
+            model=args.model,
+            device=args.device,
             first_step_s=self.first_step_s,
             last_step_s=self.first_step_s + self.times[-1] - self.times[0],
             seconds_per_step=sum(measured) / len(measured),
@@ -436,7 +439,26 @@ class StepClock:
             peak_reserved_mib=self.reserved_peak,
             gradient_checkpointing=gradient_checkpointing,
             device_name=_device_name(self.cuda),
+            time_to_steady_s=self.first_step_s + self.times[self.warmup - 1] - self.times[0],
+            warmup=self.warmup,
+            torch_compile=args.torch_compile,
+            card_gib=args.card_gib,
         )
+
+
+def _smaller_card(card_gib: float, clock: StepClock) -> torch.Tensor:
+    """Hold all of the GPU's memory but `card_gib` GiB, so that the run meets what a card of that
+    size has free (our trainer's memory plan reads it) and runs out of memory where that card
+    would. The held memory is left out of the peaks the clock reports."""
+    import torch
+
+    _free, total = torch.cuda.mem_get_info()
+    size = total - int(card_gib * 2**30)
+    if size <= 0:
+        raise SystemExit(f"--card-gib {card_gib:g}: the GPU has only {total / 2**30:.1f} GiB")
+    ballast = torch.empty(size, dtype=torch.uint8, device="cuda")
+    clock.ballast_mib = size / 2**20
+    return ballast
 
 
 def _reset_peak_memory(cuda: bool) -> None:
@@ -463,8 +485,9 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> None:
-    """Our real code path: a TrainingConfig run by Trainer, timed by its progress callback."""
+def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> bool:
+    """Our real code path: a TrainingConfig run by Trainer, timed by its progress callback.
+    Returns whether the run had gradient checkpointing on (asked for, or chosen by itself)."""
     from invokeai_ti_plugin.config import TrainingConfig
     from invokeai_ti_plugin.training.reports import ProgressUpdate
     from invokeai_ti_plugin.training.trainer import Trainer
@@ -493,6 +516,7 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> N
             mixed_precision=args.mixed_precision,
             enable_xformers_memory_efficient_attention=False,
             gradient_checkpointing=args.gradient_checkpointing,
+            torch_compile=args.torch_compile,
             seed=SEED,
             checkpointing_steps=total_steps + 1,
             num_validation_images=0,  # no sample grid at the end: it is not training time
@@ -500,10 +524,34 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> N
             overwrite=True,
         )
         trainer = Trainer(config, on_progress=progress)
-        trainer.run()
+        with _logged("invokeai_ti_plugin.training.training_run") as messages:
+            trainer.run()
+    return any(message.startswith("gradient checkpointing on") for message in messages)
 
 
-def _run_classic(args: argparse.Namespace, clock: StepClock, total_steps: int) -> None:
+@contextmanager
+def _logged(logger_name: str) -> Iterator[list[str]]:
+    """The INFO messages `logger_name` logs meanwhile: what our trainer decided by itself."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run_classic(args: argparse.Namespace, clock: StepClock, total_steps: int) -> bool:
     """The reference loop, with the same settings and AdamW values as our config's defaults."""
     from classic_loop import ClassicSettings, train_classic
 
@@ -531,6 +579,7 @@ def _run_classic(args: argparse.Namespace, clock: StepClock, total_steps: int) -
         cpu=args.device == "cpu",
     )
     train_classic(settings, clock.on_step)
+    return args.gradient_checkpointing
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -544,11 +593,13 @@ def run_worker(args: argparse.Namespace) -> None:
         started_at, cuda=args.device == "cuda", warmup=args.warmup, time_limit=args.time_limit
     )
     total_steps = args.warmup + args.steps
-    runner: Callable[[argparse.Namespace, StepClock, int], None] = (
+    runner: Callable[[argparse.Namespace, StepClock, int], bool] = (
         _run_ours if args.worker == "ours" else _run_classic
     )
-    runner(args, clock, total_steps)
-    result = clock.result(args.worker, args.model, args.device, args.gradient_checkpointing)
+    ballast = _smaller_card(args.card_gib, clock) if args.card_gib else None
+    checkpointing = runner(args, clock, total_steps)
+    del ballast
+    result = clock.result(args, checkpointing)
     print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)
 
 
@@ -574,11 +625,16 @@ class WorkerJob:
     threads: int | None = None
     gradient_checkpointing: bool = False
     time_limit: float | None = None  # seconds from the worker's start: then it measures no more
+    torch_compile: str = "off"  # ours only
+    card_gib: float | None = None  # CUDA only: play a card of this size
+    compile_cache: Path | None = None  # torch.compile's caches (None: torch's own, shared)
 
     @property
     def title(self) -> str:
-        checkpointing = " +checkpointing" if self.gradient_checkpointing else ""
-        return f"[{self.model}] {self.variant}{checkpointing}, batch {self.batch}"
+        label = variant_label(
+            self.variant, self.gradient_checkpointing, self.torch_compile, self.card_gib
+        )
+        return f"[{self.model}] {label}, batch {self.batch}"
 
     def command(self) -> list[str]:
         command = [
@@ -611,7 +667,25 @@ class WorkerJob:
             command.append("--gradient-checkpointing")
         if self.time_limit is not None:
             command += ["--time-limit", str(self.time_limit)]
+        if self.torch_compile != "off":
+            command += ["--torch-compile", self.torch_compile]
+        if self.card_gib is not None:
+            command += ["--card-gib", str(self.card_gib)]
         return command
+
+
+def variant_label(
+    variant: str, gradient_checkpointing: bool, torch_compile: str, card_gib: float | None
+) -> str:
+    """`ours +compile(default) on 12 GiB`: a variant and what was asked of it."""
+    label = variant
+    if gradient_checkpointing:
+        label += " +checkpointing"
+    if torch_compile != "off":
+        label += f" +compile({torch_compile})"
+    if card_gib is not None:
+        label += f" on {card_gib:g} GiB"
+    return label
 
 
 class WorkerFailed(RuntimeError):
@@ -624,6 +698,9 @@ def spawn_worker(job: WorkerJob, timeout: float | None = None) -> WorkerResult:
     if job.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # our trainer uses whatever device accelerate finds
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if job.compile_cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(job.compile_cache / "inductor")
+        env["TRITON_CACHE_DIR"] = str(job.compile_cache / "triton")
     print(f"{job.title}: running ...", file=sys.stderr, flush=True)
     try:
         completed = subprocess.run(
@@ -787,6 +864,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-dir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--time-limit", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--torch-compile",
+        choices=["off", "default", "reduce-overhead"],
+        default="off",
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--card-gib", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None and args.model not in (*MODELS, "both"):
         parser.error(f"--model must be one of {', '.join(MODELS)} or both")

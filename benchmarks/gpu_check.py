@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ from bench_training import (
     random_sd15_pipeline,
     save_pipeline,
     spawn_worker,
+    variant_label,
 )
 
 # The SDXL base architecture at its true sizes (stabilityai/stable-diffusion-xl-base-1.0).
@@ -105,17 +107,20 @@ class Model:
     time_limit: float  # seconds per configuration, worker start to its last update begun
     min_time: float  # a configuration is skipped when the budget has less than this left
     max_peak_mib: float | None  # the issue's memory target at batch 1 (None: no target)
+    card_gib: float  # the smallest card users train this model on (CUDA: played by the check)
+    compile_s: float  # the time limit and min_time of a --torch_compile configuration add this
 
 
 FULL_SIZE = (
-    Model("sd15", "sd15", False, 512, 10, 75.0, 25.0, 4 * 1024.0),
-    Model("sdxl", "sdxl", False, 1024, 5, 100.0, 45.0, 10 * 1024.0),
+    Model("sd15", "sd15", False, 512, 10, 75.0, 25.0, 4 * 1024.0, 8.0, 150.0),
+    Model("sdxl", "sdxl", False, 1024, 5, 100.0, 45.0, 10 * 1024.0, 12.0, 240.0),
 )
 TINY = (
-    Model("tiny-sd15", "sd15", True, 64, 2, 120.0, 5.0, None),
-    Model("tiny-sdxl", "sdxl", True, 64, 2, 120.0, 5.0, None),
+    Model("tiny-sd15", "sd15", True, 64, 2, 120.0, 5.0, None, 8.0, 300.0),
+    Model("tiny-sdxl", "sdxl", True, 64, 2, 120.0, 5.0, None, 12.0, 300.0),
 )
 MIN_SPEEDUP = 1.5  # ours/classic steps/s at batch 1
+RUN_UPDATES = 3000  # the default --max_train_steps: torch.compile must pay within such a run
 # Warm-up until our trainer has met (and encoded) all 8 image variants, so that the measured
 # updates are its steady state: with bench_training's SEED and images, at 64 px, the last one
 # comes at update 12 (batch 1) or 6 (batch 4). Other resolutions draw other random numbers, so
@@ -135,37 +140,65 @@ QUIET = {  # the workers' output is the table, not loading bars
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# (batch, variant, gradient checkpointing), most important first: the targets' batch-1 runs,
-# then checkpointing (what a small card needs), batch 4, and the classic loop checkpointed.
-PLAN: tuple[tuple[int, Variant, bool], ...] = (
-    (1, "ours", False),
-    (1, "classic", False),
-    (1, "ours", True),
-    (4, "ours", False),
-    (4, "classic", False),
-    (4, "ours", True),
-    (1, "classic", True),
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a worker is asked to train a model."""
+
+    batch: int
+    variant: Variant
+    gradient_checkpointing: bool = False
+    torch_compile: str = "off"
+    on_card: bool = False  # CUDA: on the model's smallest card, our trainer choosing by itself
+
+
+# Most important first: the targets' batch-1 runs, ours on the smallest card (does the memory plan
+# choose checkpointing where it must?), torch.compile (does it pay within a run?), checkpointing
+# asked for, then batch 4 and the classic loop checkpointed.
+PLAN: tuple[Setting, ...] = (
+    Setting(1, "ours"),
+    Setting(1, "classic"),
+    Setting(1, "ours", on_card=True),
+    Setting(1, "ours", torch_compile="default"),
+    Setting(1, "ours", gradient_checkpointing=True),
+    Setting(1, "ours", torch_compile="reduce-overhead"),
+    Setting(4, "ours"),
+    Setting(4, "classic"),
+    Setting(4, "ours", gradient_checkpointing=True),
+    Setting(1, "classic", gradient_checkpointing=True),
 )
+COMPILE_MODES = ("default", "reduce-overhead")
 
 
 @dataclass(frozen=True)
 class Configuration:
     model: Model
-    batch: int
-    variant: Variant
-    gradient_checkpointing: bool
+    setting: Setting
+
+    @property
+    def card_gib(self) -> float | None:
+        return self.model.card_gib if self.setting.on_card else None
+
+    @property
+    def label(self) -> str:
+        setting = self.setting
+        return variant_label(
+            setting.variant, setting.gradient_checkpointing, setting.torch_compile, self.card_gib
+        )
 
     @property
     def title(self) -> str:
-        checkpointing = " +checkpointing" if self.gradient_checkpointing else ""
-        return f"[{self.model.name}] {self.variant}{checkpointing}, batch {self.batch}"
+        return f"[{self.model.name}] {self.label}, batch {self.setting.batch}"
 
 
-def plan(models: tuple[Model, ...], batches: list[int]) -> list[Configuration]:
+def plan(
+    models: tuple[Model, ...], batches: list[int], compile_modes: list[str]
+) -> list[Configuration]:
     return [
-        Configuration(model, batch, variant, checkpointing)
-        for batch, variant, checkpointing in PLAN
-        if batch in batches
+        Configuration(model, setting)
+        for setting in PLAN
+        if setting.batch in batches and setting.torch_compile in ("off", *compile_modes)
         for model in models
     ]
 
@@ -269,11 +302,19 @@ class Row:
     model: str
     resolution: int
     batch: int
-    variant: str
-    gradient_checkpointing: bool
+    variant: Variant
+    gradient_checkpointing: bool  # asked for (the result says whether it was on)
+    torch_compile: str
+    card_gib: float | None
     status: str  # ok, failed or skipped
     reason: str = ""
     result: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return variant_label(
+            self.variant, self.gradient_checkpointing, self.torch_compile, self.card_gib
+        )
 
 
 def run_plan(args: argparse.Namespace, models: tuple[Model, ...], report: dict[str, Any]) -> None:
@@ -283,23 +324,26 @@ def run_plan(args: argparse.Namespace, models: tuple[Model, ...], report: dict[s
     images = images_dir(workdir)
     folders: dict[str, Path] = {}
     unbuildable: dict[str, str] = {}  # model name -> why it could not be built
-    for configuration in plan(models, args.batch):
-        model = configuration.model
+    for configuration in plan(models, args.batch, args.compile):
+        model, setting = configuration.model, configuration.setting
         remaining = args.budget - (time.monotonic() - started)
+        needed = model.min_time + (model.compile_s if setting.torch_compile != "off" else 0.0)
         row = Row(
             model.name,
             args.resolution or model.resolution,
-            configuration.batch,
-            configuration.variant,
-            configuration.gradient_checkpointing,
+            setting.batch,
+            setting.variant,
+            setting.gradient_checkpointing,
+            setting.torch_compile,
+            configuration.card_gib,
             status="failed",
         )
         report["rows"].append(row)
-        if remaining < model.min_time:
-            row.status, row.reason = (
-                "skipped",
-                f"the time budget had {max(remaining, 0):.0f} s left",
-            )
+        if remaining < needed:
+            row.status = "skipped"
+            row.reason = f"the time budget had {max(remaining, 0):.0f} s left"
+        elif setting.on_card and args.device != "cuda":
+            row.status, row.reason = "skipped", "playing a smaller card needs CUDA"
         elif model.name in unbuildable:
             row.reason = unbuildable[model.name]
         else:
@@ -335,23 +379,32 @@ def _measure(
     images: Path,
     remaining: float,
 ) -> dict[str, Any]:
-    model = configuration.model
+    model, setting = configuration.model, configuration.setting
     time_limit = args.time_limit or model.time_limit
-    job = WorkerJob(
-        variant=configuration.variant,
-        model=model.name,
-        model_dir=folder,
-        images=images,
-        resolution=row.resolution,
-        steps=args.steps or model.steps,
-        warmup=args.warmup or (TINY_WARMUP if model.tiny else WARMUP[configuration.batch]),
-        batch=configuration.batch,
-        device=args.device,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=configuration.gradient_checkpointing,
-        time_limit=min(time_limit, remaining),
-    )
-    result = spawn_worker(job, timeout=min(time_limit, remaining) + GRACE_S)
+    if setting.torch_compile != "off":
+        time_limit += model.compile_s
+    time_limit = min(time_limit, remaining)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-compile-") as cache:
+        job = WorkerJob(
+            variant=setting.variant,
+            model=model.name,
+            model_dir=folder,
+            images=images,
+            resolution=row.resolution,
+            steps=args.steps or model.steps,
+            warmup=args.warmup or (TINY_WARMUP if model.tiny else WARMUP[setting.batch]),
+            batch=setting.batch,
+            device=args.device,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=setting.gradient_checkpointing,
+            time_limit=time_limit,
+            torch_compile=setting.torch_compile,
+            card_gib=configuration.card_gib,
+            # a user's first compiled run compiles from nothing; the tiny run's timings mean
+            # nothing, and torch's shared cache saves the test minutes
+            compile_cache=None if model.tiny else Path(cache),
+        )
+        result = spawn_worker(job, timeout=time_limit + GRACE_S)
     numbers = _row_numbers(result)
     print(
         f"{job.title}: {numbers['seconds_per_step']:.3f} s/step (median of "
@@ -375,28 +428,35 @@ def _row_numbers(result: WorkerResult) -> dict[str, Any]:
     return numbers
 
 
-def _find(rows: list[Row], model: str, batch: int, variant: str, checkpointing: bool) -> Row | None:
+def _find(rows: list[Row], model: str, setting: Setting) -> Row | None:
+    """The measured row of `setting` (on its card, where it asks for one), if any."""
     for row in rows:
-        if (row.model, row.batch, row.variant, row.gradient_checkpointing) == (
-            model,
-            batch,
-            variant,
-            checkpointing,
-        ):
+        asked = Setting(
+            row.batch,
+            row.variant,
+            row.gradient_checkpointing,
+            row.torch_compile,
+            on_card=row.card_gib is not None,
+        )
+        if row.model == model and asked == setting:
             return row if row.status == "ok" else None
     return None
 
 
 def compare(rows: list[Row], models: tuple[Model, ...]) -> list[dict[str, Any]]:
-    """Ours (with and without checkpointing) against the classic loop without it, per model and
-    batch, with the issue's batch-1 verdicts: peak memory under the model's bound, and steps/s
-    at least MIN_SPEEDUP times the classic loop's."""
+    """Each of our settings against the classic loop without checkpointing, per model and batch,
+    with the issue's batch-1 verdicts (peak memory under the model's bound, steps/s at least
+    MIN_SPEEDUP times the classic loop's); a compiled setting also against ours uncompiled: what
+    compiling costs, and whether it pays within a RUN_UPDATES-update run."""
     comparisons: list[dict[str, Any]] = []
     for model in models:
         for batch in sorted({row.batch for row in rows if row.model == model.name}):
-            classic = _find(rows, model.name, batch, "classic", False)
-            for checkpointing in (False, True):
-                ours = _find(rows, model.name, batch, "ours", checkpointing)
+            classic = _find(rows, model.name, Setting(batch, "classic"))
+            eager = _find(rows, model.name, Setting(batch, "ours"))
+            for setting in PLAN:
+                if setting.batch != batch or setting.variant != "ours":
+                    continue
+                ours = _find(rows, model.name, setting)
                 if ours is None or classic is None:
                     continue
                 assert ours.result is not None and classic.result is not None
@@ -404,20 +464,47 @@ def compare(rows: list[Row], models: tuple[Model, ...]) -> list[dict[str, Any]]:
                 entry: dict[str, Any] = {
                     "model": model.name,
                     "batch": batch,
-                    "ours": ours.variant + (" +checkpointing" if checkpointing else ""),
+                    "ours": ours.label,
                     "speed_ratio": speed,
                     "memory_ratio": ours.result["peak_mib"] / classic.result["peak_mib"],
                     "steady_memory_ratio": ours.result["steady_peak_mib"]
                     / classic.result["steady_peak_mib"],
                     "peak_mib": ours.result["peak_mib"],
+                    "gradient_checkpointing_on": ours.result["gradient_checkpointing"],
                 }
                 if batch == 1 and model.max_peak_mib is not None:
                     entry["verdicts"] = {
                         "speed": _verdict(speed >= MIN_SPEEDUP),
                         "memory": _verdict(ours.result["peak_mib"] <= model.max_peak_mib),
                     }
+                if setting.torch_compile != "off" and eager is not None:
+                    assert eager.result is not None
+                    entry["compile"] = compile_payoff(ours.result, eager.result)
                 comparisons.append(entry)
     return comparisons
+
+
+def compile_payoff(compiled: dict[str, Any], eager: dict[str, Any]) -> dict[str, Any]:
+    """What compiling cost once (the compiled run's one-off time beyond its steady steps, less
+    the uncompiled run's), what it saves per update, and after how many updates it has paid."""
+
+    def one_off(numbers: dict[str, Any]) -> float:
+        return numbers["time_to_steady_s"] - numbers["warmup"] * numbers["seconds_per_step"]
+
+    cost = one_off(compiled) - one_off(eager)
+    saved = eager["seconds_per_step"] - compiled["seconds_per_step"]
+    break_even = max(cost, 0.0) / saved if saved > 0 else math.inf
+    return {
+        "compile_s": cost,
+        "saved_s_per_update": saved,
+        "break_even_updates": break_even if math.isfinite(break_even) else None,
+        "run_s": {
+            "updates": RUN_UPDATES,
+            "uncompiled": one_off(eager) + RUN_UPDATES * eager["seconds_per_step"],
+            "compiled": one_off(compiled) + RUN_UPDATES * compiled["seconds_per_step"],
+        },
+        "pays_within_run": _verdict(break_even <= RUN_UPDATES),
+    }
 
 
 def _verdict(ok: bool) -> str:
@@ -449,45 +536,60 @@ def print_table(report: dict[str, Any], models: tuple[Model, ...]) -> None:
     )
     print(
         "s/step: median of the measured updates; peak: the whole run's; steady: the measured "
-        "updates' alone; reserved: CUDA's caching allocator's peak; memory in MiB"
+        "updates' alone; reserved: CUDA's caching allocator's peak; memory in MiB; ckpt: "
+        "gradient checkpointing was on; 'on N GiB': all but N GiB of the GPU held"
     )
     for model in models:
         for batch in sorted({row.batch for row in rows if row.model == model.name}):
             resolution = next(row.resolution for row in rows if row.model == model.name)
             print(f"\n== {model.name}: {resolution} px, batch {batch}")
             print(
-                f"{'variant':<24} {'s/step':>8} {'steps/s':>8} {'peak ' + memory:>15} "
-                f"{'steady':>8} {'reserved':>9} {'1st-step s':>10} {'updates':>8}"
+                f"{'variant':<40} {'s/step':>7} {'steps/s':>7} {'peak ' + memory:>15} "
+                f"{'steady':>7} {'reserved':>8} {'ckpt':>4} {'1st-step s':>10} {'updates':>7}"
             )
             for row in rows:
                 if (row.model, row.batch) != (model.name, batch):
                     continue
-                label = row.variant + (" +checkpointing" if row.gradient_checkpointing else "")
                 if row.result is None:
-                    print(f"{label:<24} {row.status}: {row.reason}")
+                    print(f"{row.label:<40} {row.status}: {row.reason}")
                     continue
                 r = row.result
                 print(
-                    f"{label:<24} {r['seconds_per_step']:>8.3f} {r['steps_per_s']:>8.2f} "
-                    f"{r['peak_mib']:>15.0f} {r['steady_peak_mib']:>8.0f} "
-                    f"{r['peak_reserved_mib']:>9.0f} {r['first_step_s']:>10.1f} "
-                    f"{r['measured_steps']:>8d}"
+                    f"{row.label:<40} {r['seconds_per_step']:>7.3f} {r['steps_per_s']:>7.2f} "
+                    f"{r['peak_mib']:>15.0f} {r['steady_peak_mib']:>7.0f} "
+                    f"{r['peak_reserved_mib']:>8.0f} "
+                    f"{'yes' if r['gradient_checkpointing'] else 'no':>4} "
+                    f"{r['first_step_s']:>10.1f} {r['measured_steps']:>7d}"
                 )
             for entry in report["comparisons"]:
-                if (entry["model"], entry["batch"]) != (model.name, batch):
-                    continue
-                verdicts = entry.get("verdicts", {})
-                speed = f"steps/s {entry['speed_ratio']:.2f}x"
-                if verdicts:
-                    speed += f" (target >= {MIN_SPEEDUP}x: {verdicts['speed']})"
-                peak = f"peak {entry['peak_mib']:.0f} MiB"
-                if verdicts and model.max_peak_mib is not None:
-                    peak += f" (target <= {model.max_peak_mib:.0f}: {verdicts['memory']})"
-                print(
-                    f"  {entry['ours']}/classic: {speed}, peak memory "
-                    f"{entry['memory_ratio']:.2f}x (steady {entry['steady_memory_ratio']:.2f}x); "
-                    f"{peak}"
-                )
+                if (entry["model"], entry["batch"]) == (model.name, batch):
+                    print(_comparison_line(entry, model))
+
+
+def _comparison_line(entry: dict[str, Any], model: Model) -> str:
+    verdicts = entry.get("verdicts", {})
+    speed = f"steps/s {entry['speed_ratio']:.2f}x"
+    if verdicts:
+        speed += f" (target >= {MIN_SPEEDUP}x: {verdicts['speed']})"
+    peak = f"peak {entry['peak_mib']:.0f} MiB"
+    if verdicts and model.max_peak_mib is not None:
+        peak += f" (target <= {model.max_peak_mib:.0f}: {verdicts['memory']})"
+    line = (
+        f"  {entry['ours']}/classic: {speed}, peak memory {entry['memory_ratio']:.2f}x "
+        f"(steady {entry['steady_memory_ratio']:.2f}x); {peak}"
+    )
+    payoff = entry.get("compile")
+    if payoff:
+        run = payoff["run_s"]
+        after = payoff["break_even_updates"]
+        line += (
+            f"\n    compiling cost {payoff['compile_s']:.0f} s and saves "
+            f"{payoff['saved_s_per_update'] * 1000:.1f} ms/update: pays after "
+            f"{'never' if after is None else f'{after:.0f} updates'} ({payoff['pays_within_run']} "
+            f"within {run['updates']}); a {run['updates']}-update run "
+            f"{run['uncompiled'] / 60:.1f} -> {run['compiled'] / 60:.1f} min"
+        )
+    return line
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,6 +631,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resolution", type=int, default=None, help="px, for every model (default: its native)"
     )
+    parser.add_argument(
+        "--compile",
+        type=lambda text: [mode for mode in text.split(",") if mode],
+        default=list(COMPILE_MODES),
+        help="--torch_compile modes to measure ours with, comma-separated (default: "
+        f"{','.join(COMPILE_MODES)}; '' for none)",
+    )
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per configuration")
     parser.add_argument("--warmup", type=int, default=None, help="updates before measuring")
     parser.add_argument("--steps", type=int, default=None, help="measured updates")
@@ -557,6 +666,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mixed_precision = "fp16" if args.device == "cuda" else "no"
     if args.device == "cpu" and args.mixed_precision == "fp16" and not args.build:
         parser.error("--mixed_precision fp16 needs --device cuda")
+    unknown = set(args.compile) - set(COMPILE_MODES)
+    if unknown:
+        known = ", ".join(COMPILE_MODES)
+        parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; use {known}")
     if args.json is None:
         args.json = _default_json()
     if args.budget is None:

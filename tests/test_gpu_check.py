@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 MODELS = ("tiny-sd15", "tiny-sdxl")
-# (batch, variant, gradient checkpointing): every configuration the GPU run measures
+# (batch, variant, gradient checkpointing, torch_compile, on the smallest card): every
+# configuration the GPU run measures
 CONFIGURATIONS = {
-    (1, "ours", False),
-    (1, "classic", False),
-    (1, "ours", True),
-    (4, "ours", False),
-    (4, "classic", False),
-    (4, "ours", True),
-    (1, "classic", True),
+    (1, "ours", False, "off", False),
+    (1, "classic", False, "off", False),
+    (1, "ours", False, "off", True),
+    (1, "ours", False, "default", False),
+    (1, "ours", True, "off", False),
+    (1, "ours", False, "reduce-overhead", False),
+    (4, "ours", False, "off", False),
+    (4, "classic", False, "off", False),
+    (4, "ours", True, "off", False),
+    (1, "classic", True, "off", False),
 }
+# torch.compile's CPU kernels need a C++ compiler: CI installs one (.ci/run); a local run
+# without one leaves the compiled configuration out
+COMPILE_MODE = "default" if os.environ.get("CI") or shutil.which("g++") else ""
 MEASURED = ("seconds_per_step", "steps_per_s", "peak_mib", "steady_peak_mib", "first_step_s")
 
 
@@ -37,10 +45,12 @@ def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    # batch 1 only: batch 4 runs the same code, and the test stays a minute shorter
-    options = ["--tiny", "--device", "cpu", "--batch", "1", "--json", str(report_path)]
+    # batch 1 and one compile mode: the rest runs the same code, and the test stays minutes
+    # shorter (on a CPU, 'reduce-overhead' compiles what 'default' does)
+    options = ["--tiny", "--device", "cpu", "--batch", "1", "--compile", COMPILE_MODE]
+    options += ["--json", str(report_path), "--workdir", str(tmp_path / "work")]
     completed = subprocess.run(
-        ["bash", str(SCRIPT), *options, "--workdir", str(tmp_path / "work")],
+        ["bash", str(SCRIPT), *options],
         env=env,
         capture_output=True,
         text=True,
@@ -52,36 +62,54 @@ def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
     report = json.loads(report_path.read_text())
     assert report["device"] == "cpu" and report["tiny"] is True
     rows = {
-        (row["model"], row["batch"], row["variant"], row["gradient_checkpointing"]): row
+        (
+            row["model"],
+            row["batch"],
+            row["variant"],
+            row["gradient_checkpointing"],
+            row["torch_compile"],
+            row["card_gib"] is not None,
+        ): row
         for row in report["rows"]
     }
     expected = {(model, *config) for model in MODELS for config in CONFIGURATIONS}
-    assert set(rows) == {key for key in expected if key[1] == 1}
+    assert set(rows) == {key for key in expected if key[1] == 1 and key[4] in ("off", COMPILE_MODE)}
     for key, row in rows.items():
-        assert row["status"] == "ok", (key, row["reason"])
         assert row["resolution"] == 64
+        if key[5]:  # a smaller card is played by holding CUDA memory
+            assert row["status"] == "skipped"
+            assert row["reason"] == "playing a smaller card needs CUDA"
+            continue
+        assert row["status"] == "ok", (key, row["reason"])
         numbers = row["result"]
         assert all(_positive(numbers[name]) for name in MEASURED), (key, numbers)
         assert numbers["measured_steps"] == 2
         assert len(numbers["step_seconds"]) == 2
         assert numbers["gradient_checkpointing"] == key[3]
+        assert numbers["torch_compile"] == key[4]
 
-    # ours and ours with checkpointing against the classic loop, per model and batch
+    # each of our settings against the classic loop, per model and batch
     compared = {(c["model"], c["batch"], c["ours"]) for c in report["comparisons"]}
     assert compared == {
-        (model, batch, ours)
+        (model, 1, ours)
         for model in MODELS
-        for batch in (1,)
-        for ours in ("ours", "ours +checkpointing")
+        for ours in ("ours", "ours +checkpointing", "ours +compile(default)")
+        if COMPILE_MODE or "compile" not in ours
     }
     for comparison in report["comparisons"]:
         ratios = ("speed_ratio", "memory_ratio", "steady_memory_ratio")
         assert all(_positive(comparison[name]) for name in ratios), comparison
         assert "verdicts" not in comparison  # the tiny models have no targets
+        payoff = comparison.get("compile")
+        assert (payoff is not None) == comparison["ours"].endswith("+compile(default)")
+        if payoff:  # tracing and compiling the UNet takes seconds even from torch's cache
+            assert _positive(payoff["compile_s"]), payoff
+            assert _positive(payoff["run_s"]["compiled"]) and payoff["run_s"]["updates"] == 3000
 
     for model in MODELS:
         assert f"== {model}: 64 px, batch 1" in completed.stdout
     assert "ours +checkpointing/classic: steps/s" in completed.stdout
+    assert ("compiling cost" in completed.stdout) == bool(COMPILE_MODE)
 
 
 def test_unknown_model_is_refused(tmp_path: Path) -> None:
