@@ -7,10 +7,16 @@ classic recipe's whole token table it also counts the frozen rows and its step s
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import torch
 from torch import nn
 
 from ..config import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 
 def scaled_learning_rate(config: TrainingConfig, num_processes: int) -> float:
@@ -31,14 +37,20 @@ def build_optimizer(
         from prodigyopt import Prodigy
 
         # Prodigy's own defaults otherwise: its warm-up safeguard, advised for diffusion
-        # models, held the step size at its start (1e-6) for good in TI on the tiny pipeline
-        return Prodigy(
-            vectors,
-            lr=rate,
-            betas=betas,
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-        )
+        # models, held the step size at its start (1e-6) for good in TI on the tiny pipeline.
+        # It print()s a remark on weight decay, which would land in the middle of the progress
+        # bar or the terminal form: it goes to the log instead.
+        with contextlib.redirect_stdout(io.StringIO()) as remarks:
+            optimizer = Prodigy(
+                vectors,
+                lr=rate,
+                betas=betas,
+                weight_decay=config.adam_weight_decay,
+                eps=config.adam_epsilon,
+            )
+        for remark in remarks.getvalue().splitlines():
+            logger.debug("prodigy: %s", remark)
+        return optimizer
     return torch.optim.AdamW(
         vectors,
         lr=rate,
