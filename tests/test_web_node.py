@@ -173,12 +173,53 @@ def test_the_nodes_fields_are_the_configs(make_config: Callable[..., Any]) -> No
 
     fields = TrainTextualInversionInvocation.model_fields
     options = TrainingConfig.model_fields
-    for name in ("initializer_token", "num_vectors", "learnable_property", "max_train_steps"):
-        assert fields[name].default == options[name].default
-    assert fields["learning_rate"].default == make_config(learning_rate=None).learning_rate
-    for name in ("model", "placeholder_token", "learning_rate", "train_batch_size"):
+    same_defaults = (
+        "initializer_token",
+        "num_vectors",
+        "learnable_property",
+        "max_train_steps",
+        "optimizer",
+        "validation_steps",
+        "num_validation_images",
+    )
+    for name in same_defaults:
+        assert fields[name].default == options[name].default, name
+    for name in ("model", "placeholder_token", "train_batch_size", "optimizer"):
         assert fields[name].description == options[name].description
+    assert (fields["learning_rate"].description or "").startswith(
+        options["learning_rate"].description or "-"
+    )
     assert "holds the queue" in (TrainTextualInversionInvocation.__doc__ or "")
+
+
+def test_the_nodes_inputs_are_the_command_lines_options(
+    tmp_path: Path, object_images: Path
+) -> None:
+    """A learning rate of 0 is the optimizer's own default, as an omitted --learning_rate is;
+    the rest passes through, and the config checks it as it checks the command line's."""
+    from invokeai.app.invocations.model import ModelIdentifierField
+    from invokeai.backend.model_manager.taxonomy import BaseModelType, ModelType
+
+    from invokeai_ti_plugin.errors import UserInputError
+    from invokeai_ti_plugin.host.training_node import TrainTextualInversionInvocation
+
+    model = ModelIdentifierField(
+        key="k", hash="h", name="tiny", base=BaseModelType.StableDiffusion1, type=ModelType.Main
+    )
+
+    def config(**inputs: Any) -> Any:
+        node = TrainTextualInversionInvocation(
+            id="n", model=model, placeholder_token="<striped-ball>", **inputs
+        )
+        return node.training_config(tmp_path, object_images)
+
+    assert config().optimizer == "adamw" and config().learning_rate == 5e-4
+    prodigy = config(optimizer="prodigy", validation_steps=50, num_validation_images=2)
+    assert (prodigy.optimizer, prodigy.learning_rate) == ("prodigy", 1.0)
+    assert (prodigy.validation_steps, prodigy.num_validation_images) == (50, 2)
+    assert config(optimizer="prodigy", learning_rate=0.5).learning_rate == 0.5
+    with pytest.raises(UserInputError, match="--learning_rate: must be a positive number"):
+        config(learning_rate=-1.0)
 
 
 def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:

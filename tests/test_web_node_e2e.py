@@ -191,8 +191,9 @@ def test_the_training_node_in_the_web_ui(
 
 NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
-    "Board", "Train Data Dir", "Max Train Steps", "Learning Rate", "Train Batch Size",
-    "Resolution", "Seed", "Resume", "Embedding", "Trigger",
+    "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate",
+    "Train Batch Size", "Validation Steps", "Num Validation Images", "Resolution", "Seed",
+    "Resume", "Embedding", "Trigger",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 

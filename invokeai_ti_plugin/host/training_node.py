@@ -38,9 +38,11 @@ from ..config import (
     DEFAULT_LEARNING_RATES,
     MAX_BATCH_SIZE,
     MAX_RESOLUTION,
+    MAX_VALIDATION_IMAGES,
     MAX_VECTORS,
     SEED_MAX,
     LearnableProperty,
+    OptimizerName,
     TrainingConfig,
     build_config,
     name_problem,
@@ -87,7 +89,7 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     title="Train Textual Inversion",
     tags=["training", "textual inversion", "embedding"],
     category="training",
-    version="1.0.0",
+    version="1.1.0",
     use_cache=False,
 )
 class TrainTextualInversionInvocation(BaseInvocation):
@@ -124,14 +126,19 @@ class TrainTextualInversionInvocation(BaseInvocation):
         "to the InvokeAI root unless absolute).",
     )
     max_train_steps: int = _option("max_train_steps", ge=1)
-    # not optional here: the editor draws no input box for a field that may be empty; the node
-    # trains with AdamW, so its default is AdamW's. No lower limit either: the editor marks any
-    # rate below its step (0.1) invalid when given one; the config refuses 0 and less
+    optimizer: OptimizerName = _option("optimizer")
+    # not optional here: the editor draws no input box for a field that may be empty, so 0
+    # stands for "the optimizer's". No lower limit either: the editor marks any rate below its
+    # step (0.1) invalid when given one; the config refuses less than 0
     learning_rate: float = InputField(
-        default=DEFAULT_LEARNING_RATES["adamw"],
-        description=TrainingConfig.model_fields["learning_rate"].description,
+        default=0.0,
+        description=f"{TrainingConfig.model_fields['learning_rate'].description} 0: that "
+        f"default ({DEFAULT_LEARNING_RATES['adamw']:g} with adamw, "
+        f"{DEFAULT_LEARNING_RATES['prodigy']:g} with prodigy).",
     )
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
+    validation_steps: int = _option("validation_steps", ge=0)
+    num_validation_images: int = _option("num_validation_images", ge=0, le=MAX_VALIDATION_IMAGES)
     resolution: int = InputField(
         default=0,
         ge=0,
@@ -159,24 +166,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
         trigger = trigger_of(self.placeholder_token)
         # a trigger that cannot name a folder is the config's to report, before any export
         data_dir = None if name_problem(trigger) else self._training_folder(context, models.root)
-        config = build_config(
-            {
-                "model": self.model.key,
-                "placeholder_token": self.placeholder_token,
-                "initializer_token": self.initializer_token,
-                "num_vectors": self.num_vectors,
-                "learnable_property": self.learnable_property,
-                "root": models.root,
-                "train_data_dir": data_dir,
-                "max_train_steps": self.max_train_steps,
-                "learning_rate": self.learning_rate,
-                "train_batch_size": self.train_batch_size,
-                "resolution": self.resolution or None,
-                "seed": self.seed,
-                "resume_from_checkpoint": "latest" if self.resume else None,
-                "overwrite": not self.resume,
-            }
-        )
+        config = self.training_config(models.root, data_dir)
         replaced = [r.key for r in embedding_records(models) if r.name == config.trigger]
         progress = _QueueProgress(context, config)
         context.util.signal_progress(f"Preparing to train {config.placeholder_token}")
@@ -191,6 +181,30 @@ class TrainTextualInversionInvocation(BaseInvocation):
         return TrainTextualInversionOutput(
             embedding=ModelIdentifierField.from_config(record),
             trigger=f"<{outcome.registered.name}>",
+        )
+
+    def training_config(self, root: Path, data_dir: Path | None) -> TrainingConfig:
+        """The inputs as the options the command line would take (and checks the same way)."""
+        return build_config(
+            {
+                "model": self.model.key,
+                "placeholder_token": self.placeholder_token,
+                "initializer_token": self.initializer_token,
+                "num_vectors": self.num_vectors,
+                "learnable_property": self.learnable_property,
+                "root": root,
+                "train_data_dir": data_dir,
+                "max_train_steps": self.max_train_steps,
+                "optimizer": self.optimizer,
+                "learning_rate": self.learning_rate or None,
+                "train_batch_size": self.train_batch_size,
+                "validation_steps": self.validation_steps,
+                "num_validation_images": self.num_validation_images,
+                "resolution": self.resolution or None,
+                "seed": self.seed,
+                "resume_from_checkpoint": "latest" if self.resume else None,
+                "overwrite": not self.resume,
+            }
         )
 
     def _training_folder(self, context: InvocationContext, root: Path) -> Path:
