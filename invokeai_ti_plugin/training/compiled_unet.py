@@ -10,6 +10,7 @@ UNet with other shapes and without gradients, which would each compile again.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,7 +43,13 @@ def compiled_training(mode: TorchCompile) -> Iterator[None]:
         yield
         return
     try:
-        yield
+        with warnings.catch_warnings():
+            # diffusers' gradient checkpointing asks an lru_cache'd version check, which dynamo
+            # traces through and warns about: harmless, and not the user's to act on
+            warnings.filterwarnings(
+                "ignore", "Dynamo detected a call to a `functools.lru_cache`", UserWarning
+            )
+            yield
     except TorchDynamoException as error:
         cause = next(
             (line for line in str(error).splitlines() if line.strip()), type(error).__name__
