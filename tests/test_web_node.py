@@ -163,6 +163,7 @@ def test_the_shipped_workflow_is_valid_and_holds_the_nodes_defaults() -> None:
         assert isinstance(given, dict)
         if "value" in given and name not in ("placeholder_token", "train_batch_size"):
             assert given["value"] == fields[name].default, name
+    assert data["isIntermediate"] is False  # the editor's "Save To Gallery": the sample grid
     exposed = {field.fieldName for field in workflow.exposedFields}
     assert {"model", "placeholder_token", "board"} <= exposed
 

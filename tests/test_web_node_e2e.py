@@ -152,6 +152,12 @@ def test_the_training_node_in_the_web_ui(
         assert result["trigger"] == "<board-ball>"
         assert result["embedding"]["name"] == "board-ball"
         assert result["embedding"]["base"] == "sd-1"
+        # the last sample grid (4 images in a row) is in the gallery, not in the training board
+        grid = server.call("GET", f"/api/v1/images/i/{result['samples']['image_name']}")
+        assert (grid["width"], grid["height"], grid["board_id"]) == (4 * 64, 64, None)
+        assert grid["is_intermediate"] is False
+        board_images = server.call("GET", f"/api/v1/boards/{board_id}/image_names")
+        assert grid["image_name"] not in board_images and len(board_images) == len(pictures)
         assert f"resuming from {checkpoint} at step {stopped_at}" in (
             out / "logs" / "train.log"
         ).read_text()
@@ -160,7 +166,8 @@ def test_the_training_node_in_the_web_ui(
         assert steps == list(range(1, STEPS + 1))
         assert json.loads((out / "embedding.json").read_text())["steps"] == STEPS
         assert server.embeddings() == {"board-ball": "sd-1"}
-        events = progress.of(second)
+        # the training's own events (InvokeAI adds "Saving image" for the gallery copy)
+        events = [e for e in progress.of(second) if e["message"].startswith("Training")]
         assert events[-1]["percentage"] == 1.0
         assert events[-1]["image"] is not None  # the sample grid drawn when the first run stopped
         assert any(e["message"].startswith(f"Training <board-ball>: step {STEPS}/") for e in events)
@@ -193,7 +200,7 @@ NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
     "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate",
     "Train Batch Size", "Validation Steps", "Num Validation Images", "Resolution", "Seed",
-    "Resume", "Embedding", "Trigger",
+    "Resume", "Embedding", "Trigger", "Samples",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 

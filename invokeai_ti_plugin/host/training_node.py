@@ -21,6 +21,7 @@ from invokeai.app.invocations.baseinvocation import (
 from invokeai.app.invocations.fields import (
     BoardField,
     FieldKind,
+    ImageField,
     Input,
     InputField,
     InputFieldJSONSchemaExtra,
@@ -82,6 +83,11 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
         description="The trained embedding, registered with InvokeAI"
     )
     trigger: str = OutputField(description="The word to use in prompts, e.g. <psychedelic>")
+    samples: ImageField | None = OutputField(
+        default=None,
+        description="The last sample grid, also in the gallery (none with "
+        "num_validation_images 0)",
+    )
 
 
 @invocation(
@@ -181,6 +187,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
         return TrainTextualInversionOutput(
             embedding=ModelIdentifierField.from_config(record),
             trigger=f"<{outcome.registered.name}>",
+            samples=_gallery_copy(context, RunFolder(config.out_dir).newest_sample()),
         )
 
     def training_config(self, root: Path, data_dir: Path | None) -> TrainingConfig:
@@ -227,6 +234,17 @@ class TrainTextualInversionInvocation(BaseInvocation):
             context.boards.get_dto(board_id).board_name,
             {name: context.images.get_path(name) for name in names},
         )
+
+
+def _gallery_copy(context: InvocationContext, grid: Path | None) -> ImageField | None:
+    """The run's last sample grid, saved to the gallery: what the new word draws, where the
+    user looks for pictures. Never to the training board (the node is no `WithBoard`), where
+    it would join the next run's training set."""
+    if grid is None:
+        return None
+    with Image.open(grid) as image:
+        saved = context.images.save(image=image.convert("RGB"))
+    return ImageField(image_name=saved.image_name)
 
 
 def _model_source(context: InvocationContext, model: ModelIdentifierField) -> ModelSource:
