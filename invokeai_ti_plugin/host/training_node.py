@@ -187,7 +187,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
         return TrainTextualInversionOutput(
             embedding=ModelIdentifierField.from_config(record),
             trigger=f"<{outcome.registered.name}>",
-            samples=_gallery_copy(context, RunFolder(config.out_dir).newest_sample()),
+            samples=_gallery_copy(context, config),
         )
 
     def training_config(self, root: Path, data_dir: Path | None) -> TrainingConfig:
@@ -236,11 +236,13 @@ class TrainTextualInversionInvocation(BaseInvocation):
         )
 
 
-def _gallery_copy(context: InvocationContext, grid: Path | None) -> ImageField | None:
+def _gallery_copy(context: InvocationContext, config: TrainingConfig) -> ImageField | None:
     """The run's last sample grid, saved to the gallery: what the new word draws, where the
     user looks for pictures. Never to the training board (the node is no `WithBoard`), where
-    it would join the next run's training set."""
-    if grid is None:
+    it would join the next run's training set. None when this run drew no samples (an older
+    grid in the folder is not this run's)."""
+    grid = RunFolder(config.out_dir).newest_sample()
+    if grid is None or not config.num_validation_images:
         return None
     with Image.open(grid) as image:
         saved = context.images.save(image=image.convert("RGB"))
