@@ -171,6 +171,11 @@ def test_the_training_node_in_the_web_ui(
         assert events[-1]["percentage"] == 1.0
         assert events[-1]["image"] is not None  # the sample grid drawn when the first run stopped
         assert any(e["message"].startswith(f"Training <board-ball>: step {STEPS}/") for e in events)
+        # once more with no samples: the folder's older grid is not posted as this run's
+        again = server.wait(_train(server, model, board_id, num_validation_images=0))
+        assert again["status"] == "completed", again.get("error_traceback")
+        (again_id,) = again["session"]["source_prepared_mapping"]["train"]
+        assert again["session"]["results"][again_id].get("samples") is None  # None: left out
     finally:
         progress.client.disconnect()
 
