@@ -262,8 +262,8 @@ class TrainingConfig(BaseModel):
     )
     report_to: Literal["none", "tensorboard"] = Field(
         default="none",
-        description="Also log loss and learning rate for TensorBoard (OUTPUT_DIR/logs), if "
-        "tensorboard is installed.",
+        description="Also log the loss, the evaluation loss and the learning rate for "
+        "TensorBoard (OUTPUT_DIR/logs/tensorboard), if tensorboard is installed.",
     )
     gradient_checkpointing: bool = Field(
         default=False,

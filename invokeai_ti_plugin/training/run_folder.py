@@ -64,6 +64,11 @@ class RunFolder:
         return self.path / "logs" / "history.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (--report_to tensorboard)."""
+        return self.path / "logs" / "tensorboard"
+
+    @property
     def samples(self) -> Path:
         return self.path / "samples"
 
@@ -107,6 +112,7 @@ class RunFolder:
             self.checkpoints,
             self.train_log,
             self.history,
+            self.tensorboard,
             self.samples,
             self.loss_plot,
             self.pipeline,

@@ -115,7 +115,12 @@ def is_main_rank() -> bool:
 def clear_previous_run(folder: RunFolder) -> None:
     """A fresh run (allowed to overwrite) starts without the old run's checkpoints and log;
     only what our runs wrote is deleted."""
-    folder.discard(*folder.owned_in(folder.checkpoints), folder.history, folder.best_embedding)
+    folder.discard(
+        *folder.owned_in(folder.checkpoints),
+        folder.history,
+        folder.tensorboard,
+        folder.best_embedding,
+    )
 
 
 def check_resumable(snapshot: TrainingSnapshot, config: TrainingConfig, info: ModelInfo) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 
 from ..config import TrainingConfig
 from .checkpoints import check_same_images, image_fingerprints, resume_point
@@ -109,7 +110,9 @@ class Trainer:
         accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=mixed_precision,
-            project_dir=str(out),
+            project_config=ProjectConfiguration(
+                project_dir=str(out), logging_dir=str(folder.tensorboard.parent)
+            ),
             log_with=tracker(config),
             # without a GPU, several processes (torchrun, accelerate launch) use gloo on CPU
             cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),

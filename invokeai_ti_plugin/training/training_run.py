@@ -168,8 +168,6 @@ class TrainingRun:
             )
         self.history = RunHistory(folder, accelerator)
         self.tracking = bool(accelerator.log_with)
-        if self.tracking:
-            accelerator.init_trackers("textual_inversion")
 
     @property
     def vector_keys(self) -> tuple[str, ...]:
@@ -226,6 +224,8 @@ class TrainingRun:
             config.gradient_accumulation_steps,
             accelerator.num_processes,
         )
+        if self.tracking:  # only now: a fresh run has cleared the last run's event files
+            accelerator.init_trackers(self.folder.tensorboard.name)
         seconds_per_step = 0.0
         last = time.perf_counter()
         stopped = False
