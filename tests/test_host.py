@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -262,3 +263,8 @@ def test_two_processes_train_together_and_register_once(
         "random_state_1.pt",
     ]
     assert [record.name for record in host_records(host_root)] == ["striped-ball"]
+    # the main process alone measured the evaluation loss and wrote the history, once a step
+    evaluation = json.loads((out / "embedding.json").read_text())["evaluation"]
+    assert evaluation["last_step"] == 2 and evaluation["start"] > 0 and evaluation["last"] > 0
+    history = (out / "logs" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2]
