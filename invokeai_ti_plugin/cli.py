@@ -129,11 +129,11 @@ def import_main(argv: Sequence[str]) -> int:
 
     def run() -> int:
         from .host.importing import import_embeddings
-        from .job import resolve_model_folder
+        from .job import model_token_dim
 
         root = args.root or find_root()
-        folder = resolve_model_folder(args.model, root) if args.model else None
-        report = import_embeddings(root, args.sources, args.name, folder)
+        model_dim = model_token_dim(args.model, root) if args.model else None
+        report = import_embeddings(root, args.sources, args.name, model_dim)
         for what in report.skipped:
             print(f"skipped {what}")
         for registered, origin in report.registered:

@@ -22,8 +22,9 @@ from .host.model_db import HostModels, open_host_models
 from .host.model_loading import host_model_source, standalone_model_loader
 from .host.node_pack import install_node_pack
 from .host.running_server import refresh_running_server
+from .training.bases import TOKEN_DIMS
 from .training.embedding_file import read_embedding_vectors
-from .training.model_files import ModelSource
+from .training.model_files import ModelSource, inspect_model
 from .training.reports import ProgressCallback, TrainingResult
 from .training.trainer import Trainer
 
@@ -86,18 +87,13 @@ def resolve_model(
     return model
 
 
-def resolve_model_folder(model_name: str, root: Path, server: HostModels | None = None) -> Path:
-    """`--model` where a diffusers folder is needed (to check an import against it)."""
-    model = resolve_model(model_name, root, server)
+def model_token_dim(model_name: str, root: Path) -> int:
+    """The token width an embedding must have to fit `--model` (to check an import against
+    it): a folder's from its configs, an installed model's (any format) from its base."""
+    model = resolve_model(model_name, root)
     if isinstance(model, Path):
-        return model
-    if model.format != "diffusers":
-        raise UserInputError(
-            f"{model.name} is a single-file checkpoint; pass a diffusers model, or leave out "
-            "--model and InvokeAI checks the embedding when it is used",
-            option="model",
-        )
-    return model.path
+        return inspect_model(model).token_dim
+    return TOKEN_DIMS[model.base][-1]  # type: ignore[index]  # resolve_model took a trainable one
 
 
 @contextmanager

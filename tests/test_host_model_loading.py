@@ -26,11 +26,13 @@ from invokeai_ti_plugin.training.trainer import Trainer
 
 from .conftest import (
     COMMAND,
+    DIMENSION_MISMATCH,
     RecordingSource,
     _cache_dir,
     fails_cleanly,
     host_cli_args,
     host_records,
+    save_tensors,
 )
 
 CHECKPOINT_NAME = "tiny-sd-1-file"
@@ -123,6 +125,32 @@ def test_a_checkpoint_cannot_export_a_diffusers_pipeline(
         host_root, object_images, CHECKPOINT_NAME, f"--output_dir={out}", "--no-only_save_embeds"
     )
     fails_cleanly(capsys, args, "--no-only_save_embeds saves a diffusers pipeline", out)
+
+
+def test_an_import_is_checked_against_a_checkpoint_by_its_base(
+    capsys: pytest.CaptureFixture[str], host_root: Path, sd1_single_file: Path, tmp_path: Path
+) -> None:
+    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
+    refiner = tmp_path / "refiner.safetensors"
+    refiner.write_bytes(b"listed, never loaded")
+    add_checkpoint_record(host_root, refiner, "tiny-refiner", refiner=True)
+    one = save_tensors(tmp_path / "one.safetensors", {"emb_params": torch.randn(1, 768)})
+    xl = save_tensors(
+        tmp_path / "xl.safetensors",
+        {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)},
+    )
+    root = f"--root={host_root}"
+
+    assert main(["import", str(xl), root, f"--model={CHECKPOINT_NAME}"]) == 2
+    err = capsys.readouterr().err
+    assert DIMENSION_MISMATCH.format(name="xl", got=1280, want=768) in err
+    assert main(["import", str(one), root, "--model=tiny-refiner"]) == 2
+    assert "--model: tiny-refiner cannot be trained: an SDXL refiner" in capsys.readouterr().err
+    assert host_records(host_root) == []
+
+    assert main(["import", str(one), root, f"--model={CHECKPOINT_NAME}"]) == 0
+    assert "InvokeAI: registered <one> (sd-1)" in capsys.readouterr().out
+    assert [record.name for record in host_records(host_root)] == ["one"]
 
 
 def _encode(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from ..training.embedding_file import (
     read_sdxl_halves,
 )
 from ..training.foreign_embeddings import ACCEPTED, NotAnEmbedding
-from ..training.model_files import inspect_model
 from .embeddings import (
     RegisteredEmbedding,
     check_fits_model,
@@ -122,14 +121,14 @@ def import_embeddings(
     root: Path,
     sources: Sequence[Path],
     name: str | None = None,
-    model_folder: Path | None = None,
+    model_dim: int | None = None,
 ) -> ImportReport:
-    """Read and check everything first, then store and register it all."""
+    """Read and check everything first (against `model_dim`, a model's token width, if given),
+    then store and register it all."""
     found, skipped = embeddings_in(files_to_import(sources))
     if name and len(found) > 1:
         origins = ", ".join(embedding.origin for embedding in found)
         raise UserInputError(f"--name fits one embedding, but there are {len(found)}: {origins}")
-    model_dim = inspect_model(model_folder).token_dim if model_folder is not None else None
     checked = []
     for embedding in found:
         chosen = check_prompt_name(name) if name else name_of(embedding.file, embedding.vectors)
