@@ -159,6 +159,7 @@ class WorkerResult:
     warmup: int = 0  # updates before the measured ones
     torch_compile: str = "off"  # ours: --torch_compile
     card_gib: float | None = None  # CUDA: the GPU was cut to a card of this size (see --card-gib)
+    gpu_kernel_s_per_step: float | None = None  # CUDA: kernel time per update (KernelTimer)
 
     @property
     def steps_per_s(self) -> float:
@@ -334,11 +335,18 @@ class StepClock:
     """
 
     def __init__(
-        self, started_at: float, cuda: bool, warmup: int, time_limit: float | None = None
+        self,
+        started_at: float,
+        cuda: bool,
+        warmup: int,
+        measured: int,
+        time_limit: float | None = None,
     ) -> None:
         self.started_at = started_at  # wall clock of the process's start
         self.cuda = cuda
         self.warmup = warmup
+        self.end = warmup + measured  # the last measured update; a few profiled ones follow
+        self.kernel_timer = KernelTimer() if cuda else None
         self.time_limit = time_limit  # seconds from the start after which no update is begun
         self.times: list[float] = []
         self.losses: list[float] = []
@@ -374,12 +382,22 @@ class StepClock:
 
         return torch.cuda.max_memory_reserved() / 2**20 - self.ballast_mib
 
+    @property
+    def total_updates(self) -> int:
+        """The measured updates, then (CUDA) those the kernel timer profiles."""
+        return self.end + (KernelTimer.UPDATES if self.kernel_timer else 0)
+
     def on_step(self, step: int, loss: float) -> bool:
         """Record a finished update; True when the time limit says to stop after it."""
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
+        if step > self.end:  # a profiled update, timed by its kernels alone
+            assert self.kernel_timer is not None
+            if step == self.total_updates:
+                self.kernel_timer.stop()
+            return self._out_of_time(step)
         self.times.append(time.perf_counter())
         self.losses.append(loss)
         # read at every update, so the end-of-run saving is left out
@@ -405,6 +423,8 @@ class StepClock:
             wall = self.times[-1] - self.times[self.warmup - 1]
             others = (busy - self.cpu_at_warmup[0]) - (own - self.cpu_at_warmup[1])
             self.other_cores = max(0.0, others) / wall
+        if step == self.end and self.kernel_timer:
+            self.kernel_timer.start()
         return self._out_of_time(step)
 
     def _out_of_time(self, step: int) -> bool:
@@ -416,7 +436,7 @@ class StepClock:
 
     def result(self, args: argparse.Namespace, gradient_checkpointing: bool) -> WorkerResult:
         # times[k] ends update k + 1, so update k + 1 took times[k] - times[k - 1].
-        measured = [b - a for a, b in itertools.pairwise(self.times[self.warmup - 1 :])]
+        measured = [b - a for a, b in itertools.pairwise(self.times[self.warmup - 1 : self.end])]
         if not measured:
             raise RuntimeError("no measured steps: need steps >= 1 after warm-up")
         return WorkerResult(
@@ -443,7 +463,46 @@ class StepClock:
             warmup=self.warmup,
             torch_compile=args.torch_compile,
             card_gib=args.card_gib,
+            gpu_kernel_s_per_step=self.kernel_timer.seconds_per_update
+            if self.kernel_timer
+            else None,
         )
+
+
+class KernelTimer:
+    """The GPU's kernel time per update, over a few updates after the measured ones, from
+    torch's profiler (CUDA activity only). Set against the unprofiled s/step it says how busy
+    the GPU was: a step it is idle in waits on Python launching kernels, which is what
+    torch.compile and CUDA graphs cut. Never fails a run: a profiler fault leaves no figure."""
+
+    UPDATES = 3
+
+    def __init__(self) -> None:
+        self.profile: Any = None
+        self.seconds_per_update: float | None = None
+
+    def start(self) -> None:
+        try:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profile = profile(activities=[ProfilerActivity.CUDA])
+            self.profile.start()
+        except Exception as error:  # a measurement extra: never the run's end
+            print(f"kernel timer: not started ({error})", file=sys.stderr)
+            self.profile = None
+
+    def stop(self) -> None:
+        if self.profile is None:
+            return
+        try:
+            self.profile.stop()
+            micros = sum(
+                getattr(event, "self_device_time_total", 0.0)
+                for event in self.profile.key_averages()
+            )
+            self.seconds_per_update = micros / 1e6 / self.UPDATES
+        except Exception as error:  # a measurement extra: never the run's end
+            print(f"kernel timer: no figure ({error})", file=sys.stderr)
 
 
 def _smaller_card(card_gib: float, clock: StepClock) -> torch.Tensor:
@@ -590,14 +649,17 @@ def run_worker(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     clock = StepClock(
-        started_at, cuda=args.device == "cuda", warmup=args.warmup, time_limit=args.time_limit
+        started_at,
+        cuda=args.device == "cuda",
+        warmup=args.warmup,
+        measured=args.steps,
+        time_limit=args.time_limit,
     )
-    total_steps = args.warmup + args.steps
     runner: Callable[[argparse.Namespace, StepClock, int], bool] = (
         _run_ours if args.worker == "ours" else _run_classic
     )
     ballast = _smaller_card(args.card_gib, clock) if args.card_gib else None
-    checkpointing = runner(args, clock, total_steps)
+    checkpointing = runner(args, clock, clock.total_updates)
     del ballast
     result = clock.result(args, checkpointing)
     print(RESULT_MARKER + json.dumps(asdict(result)), flush=True)

@@ -537,7 +537,8 @@ def print_table(report: dict[str, Any], models: tuple[Model, ...]) -> None:
     print(
         "s/step: median of the measured updates; peak: the whole run's; steady: the measured "
         "updates' alone; reserved: CUDA's caching allocator's peak; memory in MiB; ckpt: "
-        "gradient checkpointing was on; 'on N GiB': all but N GiB of the GPU held"
+        "gradient checkpointing was on; busy: GPU kernel time per update (profiled after the "
+        "measured ones) over s/step; 'on N GiB': all but N GiB of the GPU held"
     )
     for model in models:
         for batch in sorted({row.batch for row in rows if row.model == model.name}):
@@ -545,7 +546,8 @@ def print_table(report: dict[str, Any], models: tuple[Model, ...]) -> None:
             print(f"\n== {model.name}: {resolution} px, batch {batch}")
             print(
                 f"{'variant':<40} {'s/step':>7} {'steps/s':>7} {'peak ' + memory:>15} "
-                f"{'steady':>7} {'reserved':>8} {'ckpt':>4} {'1st-step s':>10} {'updates':>7}"
+                f"{'steady':>7} {'reserved':>8} {'ckpt':>4} {'busy':>5} {'1st-step s':>10} "
+                f"{'updates':>7}"
             )
             for row in rows:
                 if (row.model, row.batch) != (model.name, batch):
@@ -558,12 +560,17 @@ def print_table(report: dict[str, Any], models: tuple[Model, ...]) -> None:
                     f"{row.label:<40} {r['seconds_per_step']:>7.3f} {r['steps_per_s']:>7.2f} "
                     f"{r['peak_mib']:>15.0f} {r['steady_peak_mib']:>7.0f} "
                     f"{r['peak_reserved_mib']:>8.0f} "
-                    f"{'yes' if r['gradient_checkpointing'] else 'no':>4} "
+                    f"{'yes' if r['gradient_checkpointing'] else 'no':>4} {_busy(r):>5} "
                     f"{r['first_step_s']:>10.1f} {r['measured_steps']:>7d}"
                 )
             for entry in report["comparisons"]:
                 if (entry["model"], entry["batch"]) == (model.name, batch):
                     print(_comparison_line(entry, model))
+
+
+def _busy(numbers: dict[str, Any]) -> str:
+    kernels = numbers.get("gpu_kernel_s_per_step")
+    return "-" if kernels is None else f"{kernels / numbers['seconds_per_step']:.0%}"
 
 
 def _comparison_line(entry: dict[str, Any], model: Model) -> str:

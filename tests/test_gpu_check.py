@@ -87,6 +87,7 @@ def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
         assert len(numbers["step_seconds"]) == 2
         assert numbers["gradient_checkpointing"] == key[3]
         assert numbers["torch_compile"] == key[4]
+        assert numbers["gpu_kernel_s_per_step"] is None  # profiled on CUDA only
 
     # each of our settings against the classic loop, per model and batch
     compared = {(c["model"], c["batch"], c["ours"]) for c in report["comparisons"]}
