@@ -36,7 +36,6 @@ from PIL import Image
 from pydantic import Field
 
 from ..config import (
-    DEFAULT_LEARNING_RATES,
     MAX_BATCH_SIZE,
     MAX_RESOLUTION,
     MAX_VALIDATION_IMAGES,
@@ -139,8 +138,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
     learning_rate: float = InputField(
         default=0.0,
         description=f"{TrainingConfig.model_fields['learning_rate'].description} 0: that "
-        f"default ({DEFAULT_LEARNING_RATES['adamw']:g} with adamw, "
-        f"{DEFAULT_LEARNING_RATES['prodigy']:g} with prodigy).",
+        "default.",
     )
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
     validation_steps: int = _option("validation_steps", ge=0)
