@@ -579,6 +579,10 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> b
             seed=SEED,
             checkpointing_steps=total_steps + 1,
             num_validation_images=0,  # no sample grid at the end: it is not training time
+            # nor the evaluation loss, measured before the first update and within the last
+            # (8 denoising passes per image): the classic loop has none (bench_samples and the
+            # README give what these cost a run)
+            eval_loss=False,
             only_save_embeds=True,
             overwrite=True,
         )
