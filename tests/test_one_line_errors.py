@@ -7,6 +7,7 @@ on stderr (never a traceback) and what is left on disk.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import signal
@@ -26,6 +27,7 @@ from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import EMBEDDING_FILENAME
 from invokeai_ti_plugin.training.images import load_training_images
 from invokeai_ti_plugin.training.run_folder import LOCK_FILENAME, MARKER_FILENAME
+from invokeai_ti_plugin.training.run_setup import RunLogFile
 
 from .conftest import COMMAND, cli_args, fails_cleanly, one_error_line, write_image
 
@@ -279,3 +281,20 @@ def test_the_command_line_starts_before_torch_loads() -> None:
     probe = "import sys, invokeai_ti_plugin.cli; print({'torch', 'diffusers'} & set(sys.modules))"
     ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert ran.stdout.strip() == "set()"
+
+
+def test_a_run_log_on_a_full_disk_falls_silent(capsys) -> None:
+    """/dev/full refuses every write with ENOSPC, as a full disk does: the log stops without
+    printing Python's logging traceback per line, and the run's own writes say it in one line."""
+    handler = RunLogFile(Path("/dev/full"))
+    logger = logging.getLogger("invokeai_ti_plugin.test_full_disk")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for step in range(3):
+            logger.info("step %d", step)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert handler.failed
+    assert "Logging error" not in capsys.readouterr().err

@@ -9,8 +9,10 @@ import importlib.util
 import logging
 import secrets
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -158,7 +160,7 @@ def run_logging(folder: RunFolder, accelerator: Accelerator) -> Iterator[None]:
     handler: logging.Handler | None = None
     if accelerator.is_main_process:
         folder.train_log.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(folder.train_log, encoding="utf-8")
+        handler = RunLogFile(folder.train_log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         package_logger.addHandler(handler)
         if level == logging.NOTSET or level > logging.INFO:
@@ -172,6 +174,32 @@ def run_logging(folder: RunFolder, accelerator: Accelerator) -> Iterator[None]:
             package_logger.removeHandler(handler)
             handler.close()
         package_logger.setLevel(level)
+
+
+class RunLogFile(logging.FileHandler):
+    """train.log. A write the file system refuses (a full disk) silences it instead of printing
+    Python's logging traceback for every line: the run's next write of its own outputs stops it
+    with one line that says what happened. Other faults are reported as logging does."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            self.failed = True
+        else:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the lines still buffered met the same full disk
+            self.failed = True
 
 
 def tracker(config: TrainingConfig) -> str | None:
