@@ -234,6 +234,9 @@ def generate(pipeline: object, prompt: str) -> np.ndarray:
 
 
 COMMAND = str(Path(sys.executable).parent / "invokeai-ti")
+# torch.compile's CPU kernels need a C++ compiler: CI installs one (.ci/run) and must run what
+# compiles; a local run without one leaves that out
+CAN_COMPILE = bool(os.environ.get("CI")) or shutil.which("g++") is not None
 
 
 def cli_args(model: Path | str, data: Path, out: Path | None, *extra: str) -> list[str]:

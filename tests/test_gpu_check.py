@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import CAN_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -30,9 +31,7 @@ CONFIGURATIONS = {
     (4, "ours", True, "off", False),
     (1, "classic", True, "off", False),
 }
-# torch.compile's CPU kernels need a C++ compiler: CI installs one (.ci/run); a local run
-# without one leaves the compiled configuration out
-COMPILE_MODE = "default" if os.environ.get("CI") or shutil.which("g++") else ""
+COMPILE_MODE = "default" if CAN_COMPILE else ""  # the compiled configuration, where it can run
 MEASURED = ("seconds_per_step", "steps_per_s", "peak_mib", "steady_peak_mib", "first_step_s")
 
 

@@ -4,7 +4,6 @@ tiny pipeline and the CPU's C++ compiler), and what a machine that cannot compil
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -17,13 +16,18 @@ from torch._dynamo.callback import callback_handler
 from invokeai_ti_plugin.training.model_files import FolderModelSource
 from invokeai_ti_plugin.training.trainer import Trainer
 
-from .conftest import COMMAND, RecordingSource, cli_args, embedding_vectors, one_error_line
+from .conftest import (
+    CAN_COMPILE,
+    COMMAND,
+    RecordingSource,
+    cli_args,
+    embedding_vectors,
+    one_error_line,
+)
 
 
-# CI installs a C++ compiler (.ci/run) and must run this; a local run without one skips it
 @pytest.mark.skipif(
-    not os.environ.get("CI") and shutil.which("g++") is None,
-    reason="no C++ compiler for torch.compile's CPU kernels (apt install g++)",
+    not CAN_COMPILE, reason="no C++ compiler for torch.compile's CPU kernels (apt install g++)"
 )
 @pytest.mark.slow
 def test_compiled_training_learns_what_eager_training_learns(
