@@ -152,6 +152,17 @@ class Setting:
     torch_compile: str = "off"
     on_card: bool = False  # CUDA: on the model's smallest card, our trainer choosing by itself
 
+    @property
+    def kind(self) -> str:
+        """The name --only picks this setting by."""
+        if self.on_card:
+            return "card"
+        if self.torch_compile != "off":
+            return "compile"
+        if self.gradient_checkpointing:
+            return "ckpt"
+        return self.variant
+
 
 # Most important first: the targets' batch-1 runs, ours on the smallest card (does the memory plan
 # choose checkpointing where it must?), torch.compile (does it pay within a run?), checkpointing
@@ -169,6 +180,7 @@ PLAN: tuple[Setting, ...] = (
     Setting(1, "classic", gradient_checkpointing=True),
 )
 COMPILE_MODES = ("default", "reduce-overhead")
+SETTING_KINDS = ("ours", "classic", "card", "compile", "ckpt")
 
 
 @dataclass(frozen=True)
@@ -193,12 +205,17 @@ class Configuration:
 
 
 def plan(
-    models: tuple[Model, ...], batches: list[int], compile_modes: list[str]
+    models: tuple[Model, ...],
+    batches: list[int],
+    compile_modes: list[str],
+    kinds: tuple[str, ...] | list[str] = SETTING_KINDS,
 ) -> list[Configuration]:
     return [
         Configuration(model, setting)
         for setting in PLAN
-        if setting.batch in batches and setting.torch_compile in ("off", *compile_modes)
+        if setting.batch in batches
+        and setting.torch_compile in ("off", *compile_modes)
+        and setting.kind in kinds
         for model in models
     ]
 
@@ -324,7 +341,7 @@ def run_plan(args: argparse.Namespace, models: tuple[Model, ...], report: dict[s
     images = images_dir(workdir)
     folders: dict[str, Path] = {}
     unbuildable: dict[str, str] = {}  # model name -> why it could not be built
-    for configuration in plan(models, args.batch, args.compile):
+    for configuration in plan(models, args.batch, args.compile, args.only):
         model, setting = configuration.model, configuration.setting
         remaining = args.budget - (time.monotonic() - started)
         needed = model.min_time + (model.compile_s if setting.torch_compile != "off" else 0.0)
@@ -457,29 +474,34 @@ def compare(rows: list[Row], models: tuple[Model, ...]) -> list[dict[str, Any]]:
                 if setting.batch != batch or setting.variant != "ours":
                     continue
                 ours = _find(rows, model.name, setting)
-                if ours is None or classic is None:
+                if ours is None:
                     continue
-                assert ours.result is not None and classic.result is not None
-                speed = ours.result["steps_per_s"] / classic.result["steps_per_s"]
+                assert ours.result is not None
                 entry: dict[str, Any] = {
                     "model": model.name,
                     "batch": batch,
                     "ours": ours.label,
-                    "speed_ratio": speed,
-                    "memory_ratio": ours.result["peak_mib"] / classic.result["peak_mib"],
-                    "steady_memory_ratio": ours.result["steady_peak_mib"]
-                    / classic.result["steady_peak_mib"],
                     "peak_mib": ours.result["peak_mib"],
                     "gradient_checkpointing_on": ours.result["gradient_checkpointing"],
                 }
-                if batch == 1 and model.max_peak_mib is not None:
-                    entry["verdicts"] = {
-                        "speed": _verdict(speed >= MIN_SPEEDUP),
-                        "memory": _verdict(ours.result["peak_mib"] <= model.max_peak_mib),
-                    }
+                if classic is not None:
+                    assert classic.result is not None
+                    speed = ours.result["steps_per_s"] / classic.result["steps_per_s"]
+                    entry["speed_ratio"] = speed
+                    entry["memory_ratio"] = ours.result["peak_mib"] / classic.result["peak_mib"]
+                    entry["steady_memory_ratio"] = (
+                        ours.result["steady_peak_mib"] / classic.result["steady_peak_mib"]
+                    )
+                    if batch == 1 and model.max_peak_mib is not None:
+                        entry["verdicts"] = {
+                            "speed": _verdict(speed >= MIN_SPEEDUP),
+                            "memory": _verdict(ours.result["peak_mib"] <= model.max_peak_mib),
+                        }
                 if setting.torch_compile != "off" and eager is not None:
                     assert eager.result is not None
                     entry["compile"] = compile_payoff(ours.result, eager.result)
+                if "speed_ratio" not in entry and "compile" not in entry:
+                    continue  # nothing to set it against
                 comparisons.append(entry)
     return comparisons
 
@@ -574,17 +596,19 @@ def _busy(numbers: dict[str, Any]) -> str:
 
 
 def _comparison_line(entry: dict[str, Any], model: Model) -> str:
-    verdicts = entry.get("verdicts", {})
-    speed = f"steps/s {entry['speed_ratio']:.2f}x"
-    if verdicts:
-        speed += f" (target >= {MIN_SPEEDUP}x: {verdicts['speed']})"
-    peak = f"peak {entry['peak_mib']:.0f} MiB"
-    if verdicts and model.max_peak_mib is not None:
-        peak += f" (target <= {model.max_peak_mib:.0f}: {verdicts['memory']})"
-    line = (
-        f"  {entry['ours']}/classic: {speed}, peak memory {entry['memory_ratio']:.2f}x "
-        f"(steady {entry['steady_memory_ratio']:.2f}x); {peak}"
-    )
+    line = f"  {entry['ours']}"
+    if "speed_ratio" in entry:
+        verdicts = entry.get("verdicts", {})
+        speed = f"steps/s {entry['speed_ratio']:.2f}x"
+        if verdicts:
+            speed += f" (target >= {MIN_SPEEDUP}x: {verdicts['speed']})"
+        peak = f"peak {entry['peak_mib']:.0f} MiB"
+        if verdicts and model.max_peak_mib is not None:
+            peak += f" (target <= {model.max_peak_mib:.0f}: {verdicts['memory']})"
+        line += (
+            f"/classic: {speed}, peak memory {entry['memory_ratio']:.2f}x "
+            f"(steady {entry['steady_memory_ratio']:.2f}x); {peak}"
+        )
     payoff = entry.get("compile")
     if payoff:
         run = payoff["run_s"]
@@ -620,7 +644,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frozen parts in both loops (fp16: CUDA only); default: fp16 on cuda, no on cpu",
     )
     parser.add_argument(
-        "--models", default=None, help="comma-separated subset of sd15,sdxl (default: both)"
+        "--models",
+        default=None,
+        help="comma-separated subset of sd15,sdxl, in the order to measure (default: both)",
     )
     parser.add_argument(
         "--batch",
@@ -644,6 +670,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(COMPILE_MODES),
         help="--torch_compile modes to measure ours with, comma-separated (default: "
         f"{','.join(COMPILE_MODES)}; '' for none)",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: [kind for kind in text.split(",") if kind],
+        default=list(SETTING_KINDS),
+        help="kinds of configuration to run, comma-separated: ours (uncompiled, all of memory), "
+        "classic, card (ours on the smallest card), compile, ckpt (checkpointing asked for); "
+        "default: all. A split lease measures the rest in a second call",
     )
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per configuration")
     parser.add_argument("--warmup", type=int, default=None, help="updates before measuring")
@@ -677,6 +711,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         known = ", ".join(COMPILE_MODES)
         parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; use {known}")
+    unknown = set(args.only) - set(SETTING_KINDS)
+    if unknown:
+        known = ", ".join(SETTING_KINDS)
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; use {known}")
     if args.json is None:
         args.json = _default_json()
     if args.budget is None:
@@ -688,11 +726,12 @@ def _selected(args: argparse.Namespace) -> tuple[Model, ...]:
     models = TINY if args.tiny else FULL_SIZE
     if args.models is None:
         return models
-    wanted = set(args.models.split(","))
-    unknown = wanted - {model.architecture for model in models}
+    wanted = [name for name in args.models.split(",") if name]
+    by_name = {model.architecture: model for model in models}
+    unknown = set(wanted) - set(by_name)
     if unknown:
         raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; use sd15, sdxl")
-    return tuple(model for model in models if model.architecture in wanted)
+    return tuple(by_name[name] for name in dict.fromkeys(wanted))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,6 +112,40 @@ def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
     assert ("compiling cost" in completed.stdout) == bool(COMPILE_MODE)
 
 
+@pytest.mark.slow
+def test_a_split_lease_measures_what_it_is_asked_in_that_order(tmp_path: Path) -> None:
+    """The second call of a short lease: SDXL first, only ours and its compiled run, and the
+    compile payoff reported without a classic row to set ours against."""
+    report_path = tmp_path / "report.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    options = ["--tiny", "--device", "cpu", "--models", "sdxl,sd15", "--batch", "1"]
+    options += ["--compile", COMPILE_MODE, "--only", "ours,compile"]
+    options += ["--json", str(report_path), "--workdir", str(tmp_path / "work")]
+    completed = subprocess.run(
+        ["bash", str(SCRIPT), *options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+    report = json.loads(report_path.read_text())
+    order = [(row["model"], row["torch_compile"], row["status"]) for row in report["rows"]]
+    expected = [("tiny-sdxl", "off", "ok"), ("tiny-sd15", "off", "ok")]
+    if COMPILE_MODE:
+        expected += [("tiny-sdxl", "default", "ok"), ("tiny-sd15", "default", "ok")]
+    assert order == expected
+    assert all("speed_ratio" not in entry for entry in report["comparisons"])
+    assert len(report["comparisons"]) == (2 if COMPILE_MODE else 0)
+    for entry in report["comparisons"]:
+        assert _positive(entry["compile"]["run_s"]["compiled"]), entry
+    assert completed.stdout.count("compiling cost") == len(report["comparisons"])
+    assert completed.stdout.index("== tiny-sdxl") < completed.stdout.index("== tiny-sd15")
+
+
 def test_unknown_model_is_refused(tmp_path: Path) -> None:
     options = ["--tiny", "--device", "cpu", "--models", "sd3", "--json", str(tmp_path / "r.json")]
     completed = subprocess.run(
