@@ -19,7 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
+from torch.nn.modules.module import register_module_forward_hook
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import MAX_RESOLUTION, MIN_RESOLUTION, SEED_MAX
@@ -162,6 +165,52 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
     }
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        # what a 12 GiB card gave for SDXL once torch's cache held the rest (gpu_check, H200)
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ],
+    ids=["torch", "cublas"],
+)
+def test_a_gpu_out_of_memory_is_one_line_and_the_run_resumes(
+    capsys, sd1_model: Path, object_images: Path, tmp_path: Path, failure: RuntimeError
+) -> None:
+    """No GPU here: the UNet's second training forward raises what CUDA raises (the evaluation's
+    forwards run without gradients and are let through)."""
+    out = tmp_path / "out"
+    training_forwards = 0
+
+    def run_out_at_step_two(module: torch.nn.Module, _args: object, _output: object) -> None:
+        nonlocal training_forwards
+        if isinstance(module, UNet2DConditionModel) and torch.is_grad_enabled():
+            training_forwards += 1
+            if training_forwards == 2:
+                raise failure
+
+    steps = ("--max_train_steps=3", "--checkpointing_steps=1")
+    hook = register_module_forward_hook(run_out_at_step_two)
+    try:
+        status = main(cli_args(sd1_model, object_images, out, *steps))
+    finally:
+        hook.remove()
+    assert status == 2
+    line = one_error_line(capsys.readouterr().err, "the GPU ran out of memory at step 2 (")
+    assert "gradient checkpointing off): add --gradient_checkpointing, or lower" in line
+    assert line.endswith(
+        f"continue from the last checkpoint before it, {out / 'checkpoints'}/checkpoint-1"
+    )
+    assert not (out / EMBEDDING_FILENAME).exists()
+
+    assert (
+        main(cli_args(sd1_model, object_images, out, *steps, "--resume_from_checkpoint=latest"))
+        == 0
+    )
+    assert (out / EMBEDDING_FILENAME).is_file()
+    assert [folder.name for folder in list_checkpoints(out)][-1] == "checkpoint-3"
 
 
 @pytest.mark.slow

@@ -82,6 +82,17 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda folder: int(folder.name.removeprefix("checkpoint-")))
 
 
+def resume_hint(output_dir: Path) -> str:
+    """How a run that failed now can go on: from its last checkpoint, if it saved one."""
+    found = list_checkpoints(output_dir)
+    if not found:
+        return " (no checkpoint was saved before it)"
+    return (
+        f"; add --resume_from_checkpoint latest to continue from the last checkpoint before it, "
+        f"{found[-1]}"
+    )
+
+
 @dataclass
 class TrainingSnapshot:
     """The shared (process-independent) state of a run at one step."""

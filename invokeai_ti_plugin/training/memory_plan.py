@@ -68,3 +68,11 @@ def free_gpu_bytes(device: torch.device) -> int | None:
     free, _total = torch.cuda.mem_get_info(device)
     reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return free + reserved_unused
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's unused blocks back to the GPU. cuBLAS and cuDNN allocate outside
+    torch's allocator (a handle per thread: the backward pass's own is created at the first
+    step), so memory torch keeps cached but unused can make them fail on a card that fits."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -36,6 +36,7 @@ def render_samples(
     """`count` images of `prompt`, seeds seed, seed+1, ...; the VAE is loaded just for this."""
     scheduler = DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config)
     vae = parts.vae_loader().to(device)
+    vae.enable_slicing()  # decode one image at a time: SDXL's decoder needs GiBs per 1024-px image
     common = {"vae": vae, "unet": parts.unet, "scheduler": scheduler}
     if parts.info.is_sdxl:
         pipeline = StableDiffusionXLPipeline(

@@ -21,6 +21,7 @@ from .compiled_unet import compiled_training
 from .images import load_training_images
 from .model_files import FolderModelSource, ModelSource, require_trainable
 from .new_tokens import add_placeholder_tokens, initializer_vectors
+from .out_of_memory import RunMoment, out_of_memory_explained
 from .reports import ProgressCallback, TrainingResult
 from .run_folder import RunFolder
 from .run_setup import (
@@ -117,7 +118,18 @@ class Trainer:
             # without a GPU, several processes (torchrun, accelerate launch) use gloo on CPU
             cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         )
-        with accelerator_session(accelerator), run_logging(folder, accelerator):
+        run: TrainingRun | None = None
+
+        def moment() -> RunMoment:
+            if run is None:
+                return RunMoment("before the first step", config.gradient_checkpointing)
+            return RunMoment(f"at step {run.step + 1}", run.gradient_checkpointing)
+
+        with (
+            accelerator_session(accelerator),
+            run_logging(folder, accelerator),
+            out_of_memory_explained(config, resolution, moment),
+        ):
             run = TrainingRun(
                 config,
                 folder,

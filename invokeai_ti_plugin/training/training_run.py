@@ -27,7 +27,7 @@ from .checkpoints import (
     TrainingSnapshot,
     begin_checkpoint,
     finish_checkpoint,
-    list_checkpoints,
+    resume_hint,
     save_process_state,
 )
 from .compiled_unet import unet_for_training
@@ -37,7 +37,7 @@ from .examples import ExampleSampler
 from .history import RunHistory
 from .images import TrainingImage
 from .latent_cache import LatentCache
-from .memory_plan import free_gpu_bytes, plan_memory
+from .memory_plan import free_gpu_bytes, plan_memory, release_cached_memory
 from .model_files import ModelParts
 from .new_tokens import PlaceholderEmbedding, install_placeholder_embedding, placeholder_tokens
 from .objective import denoising_loss
@@ -91,6 +91,7 @@ class TrainingRun:
             torch.stack([image.pixels for image in images]),
             with_flips=True,
         )
+        release_cached_memory(device)  # the VAE and its activations: gone before the UNet comes
         parts.unet.to(device)
         self.placeholders: list[PlaceholderEmbedding] = []
         for encoder, (token_ids, start) in zip(parts.text_encoders, new_words, strict=True):
@@ -104,6 +105,7 @@ class TrainingRun:
             config.train_batch_size,
             parts.dtype,
         )
+        self.gradient_checkpointing = memory.gradient_checkpointing
         if memory.gradient_checkpointing:
             logger.info("gradient checkpointing on: %s", memory.reason)
             parts.unet.enable_gradient_checkpointing()
@@ -292,17 +294,10 @@ class TrainingRun:
         if math.isfinite(loss) and all(bool(torch.isfinite(v).all()) for v in vectors):
             return
         what = f"the loss became {loss}" if not math.isfinite(loss) else "the vectors overflowed"
-        found = list_checkpoints(self.config.out_dir)
-        resume = (
-            f"; add --resume_from_checkpoint latest to continue from the last checkpoint before "
-            f"it, {found[-1]}"
-            if found
-            else " (no checkpoint was saved before it)"
-        )
         raise UserInputError(
             f"training diverged at step {self.step}: {what}, and nothing of it was saved; run "
             f"again with a lower --learning_rate (this run used {self.config.learning_rate:g})"
-            f"{resume}",
+            f"{resume_hint(self.config.out_dir)}",
             option="learning_rate",
         )
 
@@ -372,6 +367,8 @@ class TrainingRun:
             config.placeholder_token, config.learnable_property
         )
         encoders = [self.accelerator.unwrap_model(e) for e in self.conditioning.text_encoders]
+        device = self.accelerator.device
+        release_cached_memory(device)  # training's cached activations: the card's again
         images = render_samples(
             self.parts,
             encoders,
@@ -379,8 +376,9 @@ class TrainingRun:
             config.num_validation_images,
             self.resolution,
             self.seed,
-            self.accelerator.device,
+            device,
         )
+        release_cached_memory(device)  # and the decoder's, before training goes on
         path = self.folder.sample(self.step)
         self.folder.take(path)
         save_grid(images, path)

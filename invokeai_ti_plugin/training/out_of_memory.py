@@ -1,0 +1,57 @@
+"""A GPU that runs out of memory gets a one-line error saying what to change, not a traceback.
+
+Out of memory shows up as torch's OutOfMemoryError, or as a RuntimeError from a CUDA library
+that could not allocate outside torch's allocator (cuBLAS creating the backward pass's handle
+fails as `CUBLAS_STATUS_ALLOC_FAILED`). Nothing of the failed step is saved: the run folder
+keeps its last checkpoint, which the message points to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainingConfig
+from ..errors import UserInputError
+from .checkpoints import resume_hint
+
+_SIGNS = ("out of memory", "_ALLOC_FAILED")  # CUDA's and MPS's wording; cuBLAS's and cuDNN's
+
+
+@dataclass(frozen=True)
+class RunMoment:
+    """Where the run was when memory ran out."""
+
+    what: str  # "before the first step", "at step 12"
+    gradient_checkpointing: bool  # on for the run (asked for, or chosen by the memory plan)
+
+
+def is_out_of_memory(error: RuntimeError) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(s in str(error) for s in _SIGNS)
+
+
+@contextmanager
+def out_of_memory_explained(
+    config: TrainingConfig, resolution: int, moment: Callable[[], RunMoment]
+) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        now = moment()
+        checkpointing = "on" if now.gradient_checkpointing else "off"
+        advice = (
+            "lower --resolution or --train_batch_size"
+            if now.gradient_checkpointing
+            else "add --gradient_checkpointing, or lower --resolution or --train_batch_size"
+        )
+        raise UserInputError(
+            f"the GPU ran out of memory {now.what} ({resolution} px, batch "
+            f"{config.train_batch_size}, gradient checkpointing {checkpointing}): {advice}, or "
+            f"close other programs that use the GPU{resume_hint(config.out_dir)}",
+            option="resolution" if now.gradient_checkpointing else "gradient_checkpointing",
+        ) from error
