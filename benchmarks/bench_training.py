@@ -578,7 +578,9 @@ def _run_ours(args: argparse.Namespace, clock: StepClock, total_steps: int) -> b
             torch_compile=args.torch_compile,
             seed=SEED,
             checkpointing_steps=total_steps + 1,
-            num_validation_images=0,  # no sample grid at the end: it is not training time
+            # no sample grid at the end (it is not training time), but on a small card: there
+            # the question is whether a default run fits, and the grid decodes 1024-px images
+            num_validation_images=4 if args.card_gib else 0,
             # nor the evaluation loss, measured before the first update and within the last
             # (8 denoising passes per image): the classic loop has none (bench_samples and the
             # README give what these cost a run)
