@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.autoencoders.vae import Decoder
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 
@@ -29,7 +30,7 @@ from invokeai_ti_plugin.config import MAX_RESOLUTION, MIN_RESOLUTION, SEED_MAX
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import EMBEDDING_FILENAME
 from invokeai_ti_plugin.training.images import load_training_images
-from invokeai_ti_plugin.training.run_folder import LOCK_FILENAME, MARKER_FILENAME
+from invokeai_ti_plugin.training.run_folder import LOCK_FILENAME, MARKER_FILENAME, RunFolder
 from invokeai_ti_plugin.training.run_setup import RunLogFile
 
 from .conftest import COMMAND, cli_args, fails_cleanly, one_error_line, write_image
@@ -211,6 +212,35 @@ def test_a_gpu_out_of_memory_is_one_line_and_the_run_resumes(
     )
     assert (out / EMBEDDING_FILENAME).is_file()
     assert [folder.name for folder in list_checkpoints(out)][-1] == "checkpoint-3"
+
+
+def test_a_sample_grid_out_of_memory_is_skipped_and_training_goes_on(
+    capsys, sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    """A preview is not worth the run: the VAE's decoder (used by sample grids alone) raising
+    CUDA's out of memory costs the grids, with a warning saying so, not the embedding."""
+    out = tmp_path / "out"
+
+    def out_of_memory_in_the_decoder(module: torch.nn.Module, *_: object) -> None:
+        if isinstance(module, Decoder):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    grids = ("--num_validation_images=2", "--validation_steps=1")
+    hook = register_module_forward_hook(out_of_memory_in_the_decoder)
+    try:
+        status = main(cli_args(sd1_model, object_images, out, *grids))
+    finally:
+        hook.remove()
+    assert status == 0
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    for step in (1, 2):
+        assert f"no sample grid at step {step}: the GPU ran out of memory drawing 2 images" in (
+            stderr
+        )
+    assert (out / EMBEDDING_FILENAME).is_file()
+    assert not list(RunFolder(out).samples.glob("*"))
+    assert (out / "loss.png").is_file()  # the run's other outputs are all there
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from .model_files import ModelParts
 from .new_tokens import PlaceholderEmbedding, install_placeholder_embedding, placeholder_tokens
 from .objective import denoising_loss
 from .optimizers import build_optimizer, limit_norms, scaled_learning_rate
+from .out_of_memory import is_out_of_memory
 from .pipeline_export import export_pipeline
 from .prompts import caption_prompt, training_prompts, validation_prompt
 from .reports import ProgressCallback, ProgressUpdate, TrainingResult
@@ -369,16 +370,30 @@ class TrainingRun:
         encoders = [self.accelerator.unwrap_model(e) for e in self.conditioning.text_encoders]
         device = self.accelerator.device
         release_cached_memory(device)  # training's cached activations: the card's again
-        images = render_samples(
-            self.parts,
-            encoders,
-            prompt,
-            config.num_validation_images,
-            self.resolution,
-            self.seed,
-            device,
-        )
-        release_cached_memory(device)  # and the decoder's, before training goes on
+        try:
+            images = render_samples(
+                self.parts,
+                encoders,
+                prompt,
+                config.num_validation_images,
+                self.resolution,
+                self.seed,
+                device,
+            )
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            # a preview is not worth the run: training goes on, and the user learns why
+            logger.warning(
+                "no sample grid at step %d: the GPU ran out of memory drawing %d images at %d "
+                "px; a smaller --num_validation_images (or 0) avoids it",
+                self.step,
+                config.num_validation_images,
+                self.resolution,
+            )
+            return None
+        finally:
+            release_cached_memory(device)  # and the decoder's, before training goes on
         path = self.folder.sample(self.step)
         self.folder.take(path)
         save_grid(images, path)
