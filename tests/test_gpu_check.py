@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,26 +40,29 @@ def _positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.slow
-def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
+def _run_check(tmp_path: Path, *options: str, timeout: int) -> tuple[str, dict[str, Any]]:
+    """gpu_check.sh on the tiny models and the CPU: its stdout (the table) and its JSON report."""
     report_path = tmp_path / "report.json"
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    # batch 1 and one compile mode: the rest runs the same code, and the test stays minutes
-    # shorter (on a CPU, 'reduce-overhead' compiles what 'default' does)
-    options = ["--tiny", "--device", "cpu", "--batch", "1", "--compile", COMPILE_MODE]
-    options += ["--json", str(report_path), "--workdir", str(tmp_path / "work")]
+    options += ("--json", str(report_path), "--workdir", str(tmp_path / "work"))
     completed = subprocess.run(
-        ["bash", str(SCRIPT), *options],
+        ["bash", str(SCRIPT), "--tiny", "--device", "cpu", *options],
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=timeout,
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed.stdout, json.loads(report_path.read_text())
 
-    report = json.loads(report_path.read_text())
+
+@pytest.mark.slow
+def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
+    # batch 1 and one compile mode: the rest runs the same code, and the test stays minutes
+    # shorter (on a CPU, 'reduce-overhead' compiles what 'default' does)
+    stdout, report = _run_check(tmp_path, "--batch", "1", "--compile", COMPILE_MODE, timeout=1800)
     assert report["device"] == "cpu" and report["tiny"] is True
     rows = {
         (
@@ -107,32 +111,17 @@ def test_tiny_cpu_run_measures_every_configuration(tmp_path: Path) -> None:
             assert _positive(payoff["run_s"]["compiled"]) and payoff["run_s"]["updates"] == 3000
 
     for model in MODELS:
-        assert f"== {model}: 64 px, batch 1" in completed.stdout
-    assert "ours +checkpointing/classic: steps/s" in completed.stdout
-    assert ("compiling cost" in completed.stdout) == bool(COMPILE_MODE)
+        assert f"== {model}: 64 px, batch 1" in stdout
+    assert "ours +checkpointing/classic: steps/s" in stdout
+    assert ("compiling cost" in stdout) == bool(COMPILE_MODE)
 
 
 @pytest.mark.slow
 def test_a_split_lease_measures_what_it_is_asked_in_that_order(tmp_path: Path) -> None:
     """The second call of a short lease: SDXL first, only ours and its compiled run, and the
     compile payoff reported without a classic row to set ours against."""
-    report_path = tmp_path / "report.json"
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("OUT", None)
-    options = ["--tiny", "--device", "cpu", "--models", "sdxl,sd15", "--batch", "1"]
-    options += ["--compile", COMPILE_MODE, "--only", "ours,compile"]
-    options += ["--json", str(report_path), "--workdir", str(tmp_path / "work")]
-    completed = subprocess.run(
-        ["bash", str(SCRIPT), *options],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-
-    report = json.loads(report_path.read_text())
+    options = ["--models", "sdxl,sd15", "--batch", "1", "--compile", COMPILE_MODE]
+    stdout, report = _run_check(tmp_path, *options, "--only", "ours,compile", timeout=1200)
     order = [(row["model"], row["torch_compile"], row["status"]) for row in report["rows"]]
     expected = [("tiny-sdxl", "off", "ok"), ("tiny-sd15", "off", "ok")]
     if COMPILE_MODE:
@@ -142,8 +131,8 @@ def test_a_split_lease_measures_what_it_is_asked_in_that_order(tmp_path: Path) -
     assert len(report["comparisons"]) == (2 if COMPILE_MODE else 0)
     for entry in report["comparisons"]:
         assert _positive(entry["compile"]["run_s"]["compiled"]), entry
-    assert completed.stdout.count("compiling cost") == len(report["comparisons"])
-    assert completed.stdout.index("== tiny-sdxl") < completed.stdout.index("== tiny-sd15")
+    assert stdout.count("compiling cost") == len(report["comparisons"])
+    assert stdout.index("== tiny-sdxl") < stdout.index("== tiny-sd15")
 
 
 def test_unknown_model_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,17 @@ def _files(folder: Path) -> dict[str, bytes]:
     }
 
 
+@contextmanager
+def module_forward_hook(hook: Callable[..., None]) -> Iterator[None]:
+    """`hook` runs after every module's forward meanwhile: where a test makes torch fail as a
+    GPU would."""
+    handle = register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize(
     "failure",
     [
@@ -193,11 +205,8 @@ def test_a_gpu_out_of_memory_is_one_line_and_the_run_resumes(
                 raise failure
 
     steps = ("--max_train_steps=3", "--checkpointing_steps=1")
-    hook = register_module_forward_hook(run_out_at_step_two)
-    try:
+    with module_forward_hook(run_out_at_step_two):
         status = main(cli_args(sd1_model, object_images, out, *steps))
-    finally:
-        hook.remove()
     assert status == 2
     line = one_error_line(capsys.readouterr().err, "the GPU ran out of memory at step 2 (")
     assert "gradient checkpointing off): add --gradient_checkpointing, or lower" in line
@@ -226,11 +235,8 @@ def test_a_sample_grid_out_of_memory_is_skipped_and_training_goes_on(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
     grids = ("--num_validation_images=2", "--validation_steps=1")
-    hook = register_module_forward_hook(out_of_memory_in_the_decoder)
-    try:
+    with module_forward_hook(out_of_memory_in_the_decoder):
         status = main(cli_args(sd1_model, object_images, out, *grids))
-    finally:
-        hook.remove()
     assert status == 0
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
