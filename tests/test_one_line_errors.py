@@ -208,7 +208,7 @@ def test_a_gpu_out_of_memory_is_one_line_and_the_run_resumes(
     with module_forward_hook(run_out_at_step_two):
         status = main(cli_args(sd1_model, object_images, out, *steps))
     assert status == 2
-    line = one_error_line(capsys.readouterr().err, "the GPU ran out of memory at step 2 (")
+    line = one_error_line(capsys.readouterr().err, "error: the GPU ran out of memory at step 2 (")
     assert "gradient checkpointing off): add --gradient_checkpointing, or lower" in line
     assert line.endswith(
         f"continue from the last checkpoint before it, {out / 'checkpoints'}/checkpoint-1"

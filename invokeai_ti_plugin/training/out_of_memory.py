@@ -52,6 +52,5 @@ def out_of_memory_explained(
         raise UserInputError(
             f"the GPU ran out of memory {now.what} ({resolution} px, batch "
             f"{config.train_batch_size}, gradient checkpointing {checkpointing}): {advice}, or "
-            f"close other programs that use the GPU{resume_hint(config.out_dir)}",
-            option="resolution" if now.gradient_checkpointing else "gradient_checkpointing",
-        ) from error
+            f"close other programs that use the GPU{resume_hint(config.out_dir)}"
+        ) from error  # of no single option: the line starts with what happened
