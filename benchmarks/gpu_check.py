@@ -121,11 +121,11 @@ TINY = (
 )
 MIN_SPEEDUP = 1.5  # ours/classic steps/s at batch 1
 RUN_UPDATES = 3000  # the default --max_train_steps: torch.compile must pay within such a run
-# Warm-up until our trainer has met (and encoded) all 8 image variants, so that the measured
-# updates are its steady state: with bench_training's SEED and images, at 64 px, the last one
-# comes at update 12 (batch 1) or 6 (batch 4). Other resolutions draw other random numbers, so
-# a late variant may still be encoded during the measured updates; the median step is the
-# figure compared, which one such update does not move.
+# Warm-up before the measured updates: the first ones carry one-off costs (the allocator
+# growing, cuBLAS/cuDNN choosing kernels). The counts date from when our trainer encoded each of
+# the 8 image variants the first time a batch met it (the last came at update 12 at batch 1, 6
+# at batch 4); it now encodes them before the first step, and the counts stay so that figures
+# remain comparable with earlier runs.
 WARMUP = {1: 12, 4: 6}
 TINY_WARMUP = 2  # the tiny run proves the code paths; its timings mean nothing
 # One device call of 8 minutes: wheels installed and torch imported in ~15 s, then this, then at

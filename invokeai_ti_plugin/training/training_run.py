@@ -1,7 +1,7 @@
 """One training run on one process: the loop that trains the new word's vectors.
 
 Only those vectors learn; the model is frozen and runs in the chosen precision, and the VAE
-encodes each image once, the first time a batch needs it. Every update is followed by what the
+encodes each image once, before the first step. Every update is followed by what the
 run owes the user: progress, the evaluation loss, checkpoints, sample grids, and at the end the
 embedding and its summary.
 """
