@@ -891,8 +891,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup",
         type=int,
         default=DEFAULT_WARMUP,
-        help=f"updates run before measuring (default {DEFAULT_WARMUP}: until ours has met every "
-        "image variant once)",
+        help=f"updates run before measuring (default {DEFAULT_WARMUP}: past the one-off costs)",
     )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: auto")
