@@ -276,9 +276,10 @@ class TrainingConfig(BaseModel):
         default="off",
         description="Compile the UNet for the training step with torch.compile: 'default' fuses "
         "its kernels, 'reduce-overhead' also replays them as CUDA graphs. The first step then "
-        "takes a minute or more (compiling) and later steps are faster, so it pays only over a "
-        "long enough run (see the README's GPU figures). Needs triton on a CUDA GPU, a C++ "
-        "compiler on a CPU.",
+        "takes minutes (compiling; less once torch has cached it) and later steps are faster: "
+        "on an H200, 'default' paid for a first compile only after about 6,700 (SD 1.5) or "
+        "15,000 (SDXL) updates (see the README's GPU figures). Needs triton on a CUDA GPU, a "
+        "C++ compiler on a CPU.",
     )
     seed: int | None = Field(
         default=None,
