@@ -70,12 +70,15 @@ class _AboveProgressBar(logging.Handler):
 
 
 def setup_logging() -> None:
-    """Our messages on the terminal; the libraries' own per-file progress bars off."""
+    """Our messages on the terminal; the libraries' own per-file progress bars off, and so is
+    bitsandbytes' (InvokeAI's) note, on a CPU with AVX512-BF16, that an optional kernel package
+    is missing: it asks nothing of our user."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     package_logger = logging.getLogger("invokeai_ti_plugin")
     if not any(isinstance(handler, _AboveProgressBar) for handler in package_logger.handlers):
         handler = _AboveProgressBar()

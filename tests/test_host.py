@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,37 @@ from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
 
-from .conftest import DIMENSION_MISMATCH, host_cli_args, host_records, save_tensors
+from .conftest import COMMAND, DIMENSION_MISMATCH, host_cli_args, host_records, save_tensors
 
 
 def _no_unknown_records(root: Path) -> None:
     assert host_records(root, "unknown") == []
+
+
+@pytest.mark.slow
+def test_the_readme_demo_trains_registers_and_prints_no_library_noise(tmp_path: Path) -> None:
+    """The README's first command, `invokeai-ti demo`, as a newcomer runs it: a fresh process
+    trains, registers the word with a new InvokeAI root, and its terminal holds our lines and
+    progress bars, not the libraries' warnings (the host's model probing turns every warning
+    back on, and its graph imports every node it ships)."""
+    workdir = tmp_path / "demo"
+    run = subprocess.run(
+        [COMMAND, "demo", f"--workdir={workdir}", "--steps=2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "InvokeAI: registered <striped-ball> (sd-1); use it in prompts as <striped-ball>" in (
+        run.stdout
+    )
+    (record,) = host_records(workdir / "invokeai-root")
+    assert (record.name, record.base.value) == ("striped-ball", "sd-1")
+    lines = run.stderr.replace("\r", "\n").splitlines()
+    noise = [line for line in lines if re.search(r"warn|deprecat|fail|-->", line, re.IGNORECASE)]
+    assert noise == []
+    assert "training <striped-ball> for 2 steps" in run.stderr
 
 
 def test_list_models_shows_trainable_and_unsupported(
