@@ -21,7 +21,7 @@ from .compiled_unet import compiled_training
 from .images import load_training_images
 from .model_files import FolderModelSource, ModelSource, require_trainable
 from .new_tokens import add_placeholder_tokens, initializer_vectors
-from .out_of_memory import RunMoment, out_of_memory_explained
+from .out_of_memory import out_of_memory_explained
 from .reports import ProgressCallback, TrainingResult
 from .run_folder import RunFolder
 from .run_setup import (
@@ -120,15 +120,13 @@ class Trainer:
         )
         run: TrainingRun | None = None
 
-        def moment() -> RunMoment:
-            if run is None:
-                return RunMoment("before the first step", config.gradient_checkpointing)
-            return RunMoment(f"at step {run.step + 1}", run.gradient_checkpointing)
+        def moment() -> str:
+            return "before the first step" if run is None else f"at step {run.step + 1}"
 
         with (
             accelerator_session(accelerator),
             run_logging(folder, accelerator),
-            out_of_memory_explained(config, resolution, moment),
+            out_of_memory_explained(config, resolution, parts.unet, moment),
         ):
             run = TrainingRun(
                 config,

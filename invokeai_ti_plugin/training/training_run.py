@@ -106,7 +106,6 @@ class TrainingRun:
             config.train_batch_size,
             parts.dtype,
         )
-        self.gradient_checkpointing = memory.gradient_checkpointing
         if memory.gradient_checkpointing:
             logger.info("gradient checkpointing on: %s", memory.reason)
             parts.unet.enable_gradient_checkpointing()
