@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -633,6 +634,22 @@ def _default_json() -> Path:
     return Path(out) / "gpu_check.json" if out else Path(__file__).with_name("gpu_check.json")
 
 
+def _subset_of(known: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated subset of `known`, in the order given ('' for none);
+    anything else is refused in one line that names the choices."""
+
+    def parse(text: str) -> list[str]:
+        chosen = list(dict.fromkeys(part for part in text.split(",") if part))
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown)}; use {', '.join(known)}"
+            )
+        return chosen
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny test models, 64 px")
@@ -645,7 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--models",
-        default=None,
+        type=_subset_of(tuple(ARCHITECTURES)),
+        default=list(ARCHITECTURES),
         help="comma-separated subset of sd15,sdxl, in the order to measure (default: both)",
     )
     parser.add_argument(
@@ -666,14 +684,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--compile",
-        type=lambda text: [mode for mode in text.split(",") if mode],
+        type=_subset_of(COMPILE_MODES),
         default=list(COMPILE_MODES),
         help="--torch_compile modes to measure ours with, comma-separated (default: "
         f"{','.join(COMPILE_MODES)}; '' for none)",
     )
     parser.add_argument(
         "--only",
-        type=lambda text: [kind for kind in text.split(",") if kind],
+        type=_subset_of(SETTING_KINDS),
         default=list(SETTING_KINDS),
         help="kinds of configuration to run, comma-separated: ours (uncompiled, all of memory), "
         "classic, card (ours on the smallest card), compile, ckpt (checkpointing asked for); "
@@ -707,14 +725,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mixed_precision = "fp16" if args.device == "cuda" else "no"
     if args.device == "cpu" and args.mixed_precision == "fp16" and not args.build:
         parser.error("--mixed_precision fp16 needs --device cuda")
-    unknown = set(args.compile) - set(COMPILE_MODES)
-    if unknown:
-        known = ", ".join(COMPILE_MODES)
-        parser.error(f"--compile: unknown {', '.join(sorted(unknown))}; use {known}")
-    unknown = set(args.only) - set(SETTING_KINDS)
-    if unknown:
-        known = ", ".join(SETTING_KINDS)
-        parser.error(f"--only: unknown {', '.join(sorted(unknown))}; use {known}")
     if args.json is None:
         args.json = _default_json()
     if args.budget is None:
@@ -723,15 +733,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _selected(args: argparse.Namespace) -> tuple[Model, ...]:
-    models = TINY if args.tiny else FULL_SIZE
-    if args.models is None:
-        return models
-    wanted = [name for name in args.models.split(",") if name]
-    by_name = {model.architecture: model for model in models}
-    unknown = set(wanted) - set(by_name)
-    if unknown:
-        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))}; use sd15, sdxl")
-    return tuple(by_name[name] for name in dict.fromkeys(wanted))
+    """The models --models names, in its order (FULL_SIZE and TINY hold one per architecture)."""
+    by_architecture = {model.architecture: model for model in (TINY if args.tiny else FULL_SIZE)}
+    return tuple(by_architecture[name] for name in args.models)
 
 
 def main(argv: list[str] | None = None) -> None:
