@@ -23,7 +23,6 @@ class LatentCache:
         """`pixels` [N, 3, H, W] in [-1, 1]; encoded on the VAE's device, in its dtype. The cache
         keeps no reference to `vae`: dropping the caller's frees it."""
         self.scaling_factor = float(vae.config.scaling_factor)
-        self.with_flips = with_flips
         means, stds = [], []
         with torch.no_grad():
             for image in pixels:
@@ -40,7 +39,7 @@ class LatentCache:
         self, image_index: torch.Tensor, flipped: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
         """Scaled latents for a batch, drawn with the run's generator."""
-        if not self.with_flips and bool(flipped.any()):
+        if self.mean.shape[1] == 1 and bool(flipped.any()):  # encoded without mirror images
             raise ValueError("this cache holds no mirrored images")
         device = self.mean.device
         variant = flipped.long().to(device)
