@@ -57,13 +57,21 @@ def render_samples(
         )
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(seed + index) for index in range(count)]
-    images: list[Image.Image] = pipeline(
-        [prompt] * count,
-        num_inference_steps=INFERENCE_STEPS,
-        height=resolution,
-        width=resolution,
-        generator=generators,
-    ).images
+    # The pipeline makes its prompts and latents in the text encoder's precision, which our fp32
+    # vectors make fp32 over a 16-bit UNet: autocast runs the UNet in its own. The VAE decodes
+    # outside it, in its own precision (fp32 for SDXL, whose VAE overflows in fp16).
+    half = parts.unet.dtype != torch.float32
+    with torch.autocast(device.type, dtype=parts.unet.dtype, enabled=half):
+        latents = pipeline(
+            [prompt] * count,
+            num_inference_steps=INFERENCE_STEPS,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="latent",
+        ).images
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images: list[Image.Image] = pipeline.image_processor.postprocess(decoded, output_type="pil")
     return images
 
 
