@@ -179,6 +179,7 @@ PLAN: tuple[Setting, ...] = (
     Setting(4, "classic"),
     Setting(4, "ours", gradient_checkpointing=True),
     Setting(1, "classic", gradient_checkpointing=True),
+    Setting(4, "ours", torch_compile="reduce-overhead"),  # does it still pay at a default batch?
 )
 COMPILE_MODES = ("default", "reduce-overhead")
 SETTING_KINDS = ("ours", "classic", "card", "compile", "ckpt")
@@ -692,7 +693,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         type=_subset_of(SETTING_KINDS),
-        default=list(SETTING_KINDS),
+        default=None,
         help="kinds of configuration to run, comma-separated: ours (uncompiled, all of memory), "
         "classic, card (ours on the smallest card), compile, ckpt (checkpointing asked for); "
         "default: all. A split lease measures the rest in a second call",
@@ -725,6 +726,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.mixed_precision = "fp16" if args.device == "cuda" else "no"
     if args.device == "cpu" and args.mixed_precision == "fp16" and not args.build:
         parser.error("--mixed_precision fp16 needs --device cuda")
+    if args.only is None:
+        args.only = list(SETTING_KINDS)
+    else:  # a lease is too short to spend on a run that measures nothing it was asked for
+        planned = {
+            configuration.setting.kind
+            for configuration in plan(FULL_SIZE, args.batch, args.compile)
+        }
+        if missing := [kind for kind in args.only if kind not in planned]:
+            parser.error(
+                f"--only {','.join(missing)}: the plan has none at batch "
+                f"{','.join(map(str, args.batch))}"
+                + (" (compile rows need --compile)" if "compile" in missing else "")
+            )
     if args.json is None:
         args.json = _default_json()
     if args.budget is None:

@@ -31,6 +31,7 @@ CONFIGURATIONS = {
     (4, "classic", False, "off", False),
     (4, "ours", True, "off", False),
     (1, "classic", True, "off", False),
+    (4, "ours", False, "reduce-overhead", False),
 }
 COMPILE_MODE = "default" if CAN_COMPILE else ""  # the compiled configuration, where it can run
 MEASURED = ("seconds_per_step", "steps_per_s", "peak_mib", "steady_peak_mib", "first_step_s")
@@ -135,15 +136,34 @@ def test_a_split_lease_measures_what_it_is_asked_in_that_order(tmp_path: Path) -
     assert stdout.index("== tiny-sdxl") < stdout.index("== tiny-sd15")
 
 
-def test_unknown_model_is_refused(tmp_path: Path) -> None:
-    options = ["--tiny", "--device", "cpu", "--models", "sd3", "--json", str(tmp_path / "r.json")]
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--models", "sd3"], "--models: unknown sd3; use sd15, sdxl"),
+        # a lease spent measuring nothing it was asked for: compile rows are planned at batch 1
+        (["--batch", "4", "--only", "ours,card"], "--only card: the plan has none at batch 4"),
+        (
+            ["--compile", "", "--only", "compile"],
+            "--only compile: the plan has none at batch 1,4 (compile rows need --compile)",
+        ),
+    ],
+)
+def test_a_check_that_would_measure_nothing_asked_is_refused(
+    tmp_path: Path, options: list[str], error: str
+) -> None:
+    report = tmp_path / "r.json"
     completed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *options],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_check.py"),
+            *("--tiny", "--device", "cpu", "--json", str(report)),
+            *options,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert completed.returncode != 0
-    assert "--models: unknown sd3; use sd15, sdxl" in completed.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1].endswith(error)
+    assert not report.exists()
