@@ -223,27 +223,59 @@ def test_a_gpu_out_of_memory_is_one_line_and_the_run_resumes(
     assert [folder.name for folder in list_checkpoints(out)][-1] == "checkpoint-3"
 
 
-def test_a_sample_grid_out_of_memory_is_skipped_and_training_goes_on(
-    capsys, sd1_model: Path, object_images: Path, tmp_path: Path
+def _in_the_decoder(module: torch.nn.Module) -> bool:
+    return isinstance(module, Decoder)  # the VAE's decoder: used by sample grids alone
+
+
+def _in_the_evaluation(module: torch.nn.Module) -> bool:
+    # the UNet without gradients: the evaluation loss's (grids are off in these runs)
+    return isinstance(module, UNet2DConditionModel) and not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize(
+    ("fails", "options", "warning", "steps"),
+    [
+        (
+            _in_the_decoder,
+            ("--num_validation_images=2", "--validation_steps=1", "--no-eval_loss"),
+            "no sample grid at step {}: the GPU ran out of memory drawing 2 images",
+            (1, 2),
+        ),
+        (
+            _in_the_evaluation,
+            ("--validation_steps=1",),
+            "no evaluation loss at step {}: the GPU ran out of memory measuring it",
+            (0, 1, 2),
+        ),
+    ],
+    ids=["sample-grid", "evaluation"],
+)
+def test_out_of_memory_in_a_preview_or_a_measurement_is_skipped_and_training_goes_on(
+    capsys,
+    sd1_model: Path,
+    object_images: Path,
+    tmp_path: Path,
+    fails: Callable[[torch.nn.Module], bool],
+    options: tuple[str, ...],
+    warning: str,
+    steps: tuple[int, ...],
 ) -> None:
-    """A preview is not worth the run: the VAE's decoder (used by sample grids alone) raising
-    CUDA's out of memory costs the grids, with a warning saying so, not the embedding."""
+    """Neither is worth the run: CUDA's out of memory while drawing a grid or measuring the
+    evaluation loss costs that grid or measurement, with a warning saying so, not the
+    embedding."""
     out = tmp_path / "out"
 
-    def out_of_memory_in_the_decoder(module: torch.nn.Module, *_: object) -> None:
-        if isinstance(module, Decoder):
+    def run_out_of_memory(module: torch.nn.Module, *_: object) -> None:
+        if fails(module):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-    grids = ("--num_validation_images=2", "--validation_steps=1")
-    with module_forward_hook(out_of_memory_in_the_decoder):
-        status = main(cli_args(sd1_model, object_images, out, *grids))
+    with module_forward_hook(run_out_of_memory):
+        status = main(cli_args(sd1_model, object_images, out, *options))
     assert status == 0
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
-    for step in (1, 2):
-        assert f"no sample grid at step {step}: the GPU ran out of memory drawing 2 images" in (
-            stderr
-        )
+    for step in steps:
+        assert warning.format(step) in stderr
     assert (out / EMBEDDING_FILENAME).is_file()
     assert not list(RunFolder(out).samples.glob("*"))
     assert (out / "loss.png").is_file()  # the run's other outputs are all there

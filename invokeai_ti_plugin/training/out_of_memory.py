@@ -8,8 +8,10 @@ keeps its last checkpoint, which the message points to.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -17,12 +19,32 @@ from diffusers import UNet2DConditionModel
 from ..config import TrainingConfig
 from ..errors import UserInputError
 from .checkpoints import resume_hint
+from .memory_plan import release_cached_memory
+
+logger = logging.getLogger(__name__)
 
 _SIGNS = ("out of memory", "_ALLOC_FAILED")  # CUDA's and MPS's wording; cuBLAS's and cuDNN's
+
+T = TypeVar("T")
 
 
 def is_out_of_memory(error: RuntimeError) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or any(s in str(error) for s in _SIGNS)
+
+
+def unless_out_of_memory(work: Callable[[], T], device: torch.device, skipped: str) -> T | None:
+    """`work()`, or None and the warning `skipped` if the GPU runs out of memory during it: for
+    what a run can go on without (a sample grid, an evaluation), which is not worth the run.
+    torch's cache is handed back either way, so the training step has the memory again."""
+    try:
+        return work()
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        logger.warning(skipped)
+        return None
+    finally:
+        release_cached_memory(device)
 
 
 @contextmanager

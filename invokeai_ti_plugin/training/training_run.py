@@ -42,7 +42,7 @@ from .model_files import ModelParts
 from .new_tokens import PlaceholderEmbedding, install_placeholder_embedding, placeholder_tokens
 from .objective import denoising_loss
 from .optimizers import build_optimizer, limit_norms, scaled_learning_rate
-from .out_of_memory import is_out_of_memory
+from .out_of_memory import unless_out_of_memory
 from .pipeline_export import export_pipeline
 from .prompts import caption_prompt, training_prompts, validation_prompt
 from .reports import ProgressCallback, ProgressUpdate, TrainingResult
@@ -334,7 +334,14 @@ class TrainingRun:
         """The fixed-noise evaluation loss now (main process; None when it is off)."""
         if self.evaluation is None:
             return None
-        value = self.evaluation.measure()
+        value = unless_out_of_memory(
+            self.evaluation.measure,
+            self.accelerator.device,
+            f"no evaluation loss at step {self.step}: the GPU ran out of memory measuring it; "
+            "a smaller --train_batch_size (its batch too) or --no-eval_loss avoids it",
+        )
+        if value is None:
+            return None
         if self.record.add(self.step, value, self.learned_vectors().tensors):
             self._save_best()
         if self.tracking:
@@ -369,8 +376,8 @@ class TrainingRun:
         encoders = [self.accelerator.unwrap_model(e) for e in self.conditioning.text_encoders]
         device = self.accelerator.device
         release_cached_memory(device)  # training's cached activations: the card's again
-        try:
-            images = render_samples(
+        images = unless_out_of_memory(
+            lambda: render_samples(
                 self.parts,
                 encoders,
                 prompt,
@@ -378,21 +385,14 @@ class TrainingRun:
                 self.resolution,
                 self.seed,
                 device,
-            )
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            # a preview is not worth the run: training goes on, and the user learns why
-            logger.warning(
-                "no sample grid at step %d: the GPU ran out of memory drawing %d images at %d "
-                "px; a smaller --num_validation_images (or 0) avoids it",
-                self.step,
-                config.num_validation_images,
-                self.resolution,
-            )
+            ),
+            device,
+            f"no sample grid at step {self.step}: the GPU ran out of memory drawing "
+            f"{config.num_validation_images} images at {self.resolution} px; a smaller "
+            "--num_validation_images (or 0) avoids it",
+        )
+        if images is None:
             return None
-        finally:
-            release_cached_memory(device)  # and the decoder's, before training goes on
         path = self.folder.sample(self.step)
         self.folder.take(path)
         save_grid(images, path)
