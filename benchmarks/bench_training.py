@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import hashlib
+import io
 import itertools
 import json
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -473,12 +476,17 @@ class KernelTimer:
     """The GPU's kernel time per update, over a few updates after the measured ones, from
     torch's profiler (CUDA activity only). Set against the unprofiled s/step it says how busy
     the GPU was: a step it is idle in waits on Python launching kernels, which is what
-    torch.compile and CUDA graphs cut. Never fails a run: a profiler fault leaves no figure."""
+    torch.compile and CUDA graphs cut. The same updates' host time, by Python function, goes to
+    the log, to say where that waiting comes from (kernels run asynchronously, so a function's
+    time is the host's, save where it waits for the GPU). Never fails a run: a profiler fault
+    leaves no figure."""
 
     UPDATES = 3
+    HOST_ROWS = 25
 
     def __init__(self) -> None:
         self.profile: Any = None
+        self.host = cProfile.Profile()
         self.seconds_per_update: float | None = None
 
     def start(self) -> None:
@@ -490,8 +498,18 @@ class KernelTimer:
         except Exception as error:  # a measurement extra: never the run's end
             print(f"kernel timer: not started ({error})", file=sys.stderr)
             self.profile = None
+        self.host.enable()
 
     def stop(self) -> None:
+        self.host.disable()
+        table = io.StringIO()
+        stats = pstats.Stats(self.host, stream=table).strip_dirs()
+        for order in ("tottime", "cumulative"):  # where the time is; which of our calls holds it
+            stats.sort_stats(order).print_stats(self.HOST_ROWS)
+        print(
+            f"host time of the {self.UPDATES} profiled updates:\n{table.getvalue()}",
+            file=sys.stderr,
+        )
         if self.profile is None:
             return
         try:
