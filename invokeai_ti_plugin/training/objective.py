@@ -31,7 +31,7 @@ def denoising_loss(
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    dtype = unet.dtype
+    dtype = next(unet.parameters()).dtype  # unet.dtype walks every module: 1.6 ms for SD 1.5
     if added_cond_kwargs is not None:  # SDXL: pooled text and size/crop conditioning
         added_cond_kwargs = {key: value.to(dtype) for key, value in added_cond_kwargs.items()}
     prediction = unet(
