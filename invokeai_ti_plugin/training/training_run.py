@@ -337,8 +337,8 @@ class TrainingRun:
         value = unless_out_of_memory(
             self.evaluation.measure,
             self.accelerator.device,
-            f"no evaluation loss at step {self.step}: the GPU ran out of memory measuring it; "
-            "a smaller --train_batch_size (its batch too) or --no-eval_loss avoids it",
+            f"no evaluation loss at step {self.step}: the GPU ran out of memory measuring it, "
+            "in batches of --train_batch_size; a smaller one, or --no-eval_loss, avoids it",
         )
         if value is None:
             return None
