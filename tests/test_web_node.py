@@ -187,9 +187,8 @@ def test_the_nodes_fields_are_the_configs(make_config: Callable[..., Any]) -> No
         assert fields[name].default == options[name].default, name
     for name in ("model", "placeholder_token", "train_batch_size", "optimizer"):
         assert fields[name].description == options[name].description
-    assert (fields["learning_rate"].description or "").startswith(
-        options["learning_rate"].description or "-"
-    )
+    for name in ("learning_rate", "validation_prompt"):  # each adds what its 0 or "" means
+        assert (fields[name].description or "").startswith(options[name].description or "-")
     assert "holds the queue" in (TrainTextualInversionInvocation.__doc__ or "")
 
 
@@ -219,6 +218,9 @@ def test_the_nodes_inputs_are_the_command_lines_options(
     assert (prodigy.optimizer, prodigy.learning_rate) == ("prodigy", 1.0)
     assert (prodigy.validation_steps, prodigy.num_validation_images) == (50, 2)
     assert config(optimizer="prodigy", learning_rate=0.5).learning_rate == 0.5
+    assert config().validation_prompt is None  # empty: the template the command line uses
+    sushi = "a plate of sushi in <striped-ball> style"
+    assert config(validation_prompt=f" {sushi}\n").validation_prompt == sushi
     with pytest.raises(UserInputError, match="--learning_rate: must be a positive number"):
         config(learning_rate=-1.0)
 

@@ -204,8 +204,8 @@ def test_the_training_node_in_the_web_ui(
 NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
     "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate",
-    "Train Batch Size", "Validation Steps", "Num Validation Images", "Resolution", "Seed",
-    "Resume", "Embedding", "Trigger", "Samples",
+    "Train Batch Size", "Validation Steps", "Num Validation Images", "Validation Prompt",
+    "Resolution", "Seed", "Resume", "Embedding", "Trigger", "Samples",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 

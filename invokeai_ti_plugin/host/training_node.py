@@ -26,6 +26,7 @@ from invokeai.app.invocations.fields import (
     InputField,
     InputFieldJSONSchemaExtra,
     OutputField,
+    UIComponent,
 )
 from invokeai.app.invocations.model import ModelIdentifierField
 from invokeai.app.services.invocation_services import InvocationServices
@@ -94,7 +95,7 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     title="Train Textual Inversion",
     tags=["training", "textual inversion", "embedding"],
     category="training",
-    version="1.1.0",
+    version="1.2.0",
     use_cache=False,
 )
 class TrainTextualInversionInvocation(BaseInvocation):
@@ -143,6 +144,13 @@ class TrainTextualInversionInvocation(BaseInvocation):
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
     validation_steps: int = _option("validation_steps", ge=0)
     num_validation_images: int = _option("num_validation_images", ge=0, le=MAX_VALIDATION_IMAGES)
+    # a string, not optional, for the same reason as learning_rate: empty stands for the default
+    validation_prompt: str = InputField(
+        default="",
+        description=f"{TrainingConfig.model_fields['validation_prompt'].description} Empty: "
+        "that default.",
+        ui_component=UIComponent.Textarea,
+    )
     resolution: int = InputField(
         default=0,
         ge=0,
@@ -205,6 +213,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
                 "train_batch_size": self.train_batch_size,
                 "validation_steps": self.validation_steps,
                 "num_validation_images": self.num_validation_images,
+                "validation_prompt": self.validation_prompt.strip() or None,
                 "resolution": self.resolution or None,
                 "seed": self.seed,
                 "resume_from_checkpoint": "latest" if self.resume else None,
