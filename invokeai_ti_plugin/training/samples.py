@@ -60,8 +60,8 @@ def render_samples(
     # The pipeline makes its prompts and latents in the text encoder's precision, which our fp32
     # vectors make fp32 over a 16-bit UNet: autocast runs the UNet in its own. The VAE decodes
     # outside it, in its own precision (fp32 for SDXL, whose VAE overflows in fp16).
-    half = parts.unet.dtype != torch.float32
-    with torch.autocast(device.type, dtype=parts.unet.dtype, enabled=half):
+    unet_dtype = parts.unet.dtype
+    with torch.autocast(device.type, dtype=unet_dtype, enabled=unet_dtype != torch.float32):
         latents = pipeline(
             [prompt] * count,
             num_inference_steps=INFERENCE_STEPS,
