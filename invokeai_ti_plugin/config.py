@@ -299,7 +299,8 @@ class TrainingConfig(BaseModel):
     only_save_embeds: bool = Field(
         default=True,
         description="Save only the learned embedding (small). With --no-only_save_embeds a "
-        "complete diffusers pipeline with the new word built in is saved too.",
+        "complete diffusers pipeline with the new word built in is saved too, in the "
+        "precision of the model's files.",
     )
     register_embedding: bool = Field(
         default=True,

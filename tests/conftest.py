@@ -77,6 +77,19 @@ def sdxl_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd1_fp16_files_only(sd1_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1 pipeline as hub downloads and InvokeAI's installer often keep a model:
+    only its fp16 variant files (`unet/diffusion_pytorch_model.fp16.safetensors`)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(sd1_model), dtype=torch.float16)
+    folder = tmp_path_factory.mktemp("fp16-files-only") / "sd-1"
+    pipeline.save_pretrained(str(folder), variant="fp16")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def object_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("object-images")
     make_demo_images(folder, count=4)

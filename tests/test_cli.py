@@ -145,13 +145,62 @@ def test_unreadable_images_among_good_ones_are_skipped(
     assert (out / "learned_embeds.safetensors").is_file()
 
 
-def test_full_pipeline_export(sd1_model: Path, object_images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stored", ["float32", "fp16 files only"])
+def test_full_pipeline_export_keeps_the_models_precision(
+    stored: str,
+    sd1_model: Path,
+    sd1_fp16_files_only: Path,
+    object_images: Path,
+    tmp_path: Path,
+) -> None:
+    """The exported pipeline holds the learned vector, in the precision of the model's files,
+    under the plain names that loaders find without being told a variant."""
+    import torch
     from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
 
+    model, dtype = (sd1_model, "F32") if stored == "float32" else (sd1_fp16_files_only, "F16")
     out = tmp_path / "out"
-    assert main(cli_args(sd1_model, object_images, out, "--no-only_save_embeds")) == 0
-    pipeline = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
-    assert len(pipeline.tokenizer("<striped-ball>", add_special_tokens=False).input_ids) == 1
+    assert main(cli_args(model, object_images, out, "--no-only_save_embeds")) == 0
+    exported = out / "pipeline"
+    for component, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
+        (weights,) = (exported / component).glob("*.safetensors")
+        assert weights.name == f"{name}.safetensors"
+        with safe_open(str(weights), framework="pt") as tensors:
+            assert {tensors.get_slice(key).get_dtype() for key in tensors.keys()} == {dtype}  # noqa: SIM118
+    pipeline = StableDiffusionPipeline.from_pretrained(str(exported))
+    (token_id,) = pipeline.tokenizer("<striped-ball>", add_special_tokens=False).input_ids
+    (learned,) = read_embedding_vectors(out / "learned_embeds.safetensors").tensors.values()
+    row = pipeline.text_encoder.get_input_embeddings().weight[token_id]
+    as_stored = {"F32": torch.float32, "F16": torch.float16}[dtype]
+    assert torch.equal(row, learned[0].to(as_stored).float())
+
+
+@pytest.mark.parametrize(
+    ("files", "variant"),
+    [
+        (["model.safetensors", "model.fp16.safetensors"], None),  # a whole hub snapshot
+        (["model.bf16.safetensors"], "bf16"),
+        (["model.bf16.safetensors", "model.fp16.safetensors"], "fp16"),
+        (  # sharded: the index names the variant after "index"
+            [
+                "diffusion_pytorch_model.safetensors.index.fp16.json",
+                "diffusion_pytorch_model-00001-of-00002.fp16.safetensors",
+                "diffusion_pytorch_model-00002-of-00002.fp16.safetensors",
+            ],
+            "fp16",
+        ),
+        (["config.json", "notes.fp16.txt"], None),
+    ],
+)
+def test_the_variant_to_load_follows_the_weight_files(
+    files: list[str], variant: str | None, tmp_path: Path
+) -> None:
+    from invokeai_ti_plugin.training.weight_files import weights_variant
+
+    for name in files:
+        (tmp_path / name).touch()
+    assert weights_variant(tmp_path) == variant
 
 
 @pytest.mark.slow

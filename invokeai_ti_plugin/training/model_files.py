@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ..errors import UserInputError
 from .bases import TRAINABLE_BASES, Base, base_of_unet
+from .weight_files import weights_variant
 
 
 @dataclass(frozen=True)
@@ -180,22 +181,30 @@ def load_model_parts(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Mod
     """
     if info.folder is None:
         raise ValueError(f"{info.label} has no diffusers folder to load")
-    folder = str(info.folder)
+    folder = info.folder
     suffixes = ["", "_2"] if info.is_sdxl else [""]
     encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(suffixes)]
     try:
         tokenizers = [
-            CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{suffix}")
+            CLIPTokenizer.from_pretrained(str(folder), subfolder=f"tokenizer{suffix}")
             for suffix in suffixes
         ]
         text_encoders = [
             encoder_class.from_pretrained(
-                folder, subfolder=f"text_encoder{suffix}", torch_dtype=dtype
+                str(folder),
+                subfolder=f"text_encoder{suffix}",
+                torch_dtype=dtype,
+                variant=weights_variant(folder / f"text_encoder{suffix}"),
             )
             for encoder_class, suffix in zip(encoder_classes, suffixes, strict=True)
         ]
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        unet = UNet2DConditionModel.from_pretrained(
+            str(folder),
+            subfolder="unet",
+            torch_dtype=dtype,
+            variant=weights_variant(folder / "unet"),
+        )
+        noise_scheduler = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler")
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load it: {error}") from error
     freeze_parts(tokenizers, text_encoders, unet)
@@ -217,7 +226,10 @@ def load_vae(info: ModelInfo, dtype: torch.dtype = torch.float32) -> Autoencoder
         raise ValueError(f"{info.label} has no diffusers folder to load")
     try:
         vae = AutoencoderKL.from_pretrained(
-            str(info.folder), subfolder="vae", torch_dtype=vae_dtype(info, dtype)
+            str(info.folder),
+            subfolder="vae",
+            torch_dtype=vae_dtype(info, dtype),
+            variant=weights_variant(info.folder / "vae"),
         )
     except (OSError, ValueError, KeyError) as error:
         raise _not_a_pipeline(info.folder, f"cannot load its VAE: {error}") from error

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .embedding_file import SDXL_KEYS, read_embedding_vectors
 from .run_folder import RunFolder
+from .weight_files import pipeline_load_options
 
 logger = logging.getLogger(__name__)
 
@@ -14,10 +15,14 @@ logger = logging.getLogger(__name__)
 def export_pipeline(
     model_folder: Path, embedding_path: Path, token: str, folder: RunFolder
 ) -> None:
-    """A whole diffusers pipeline with the new word built in (--no-only_save_embeds)."""
+    """A whole diffusers pipeline with the new word built in (--no-only_save_embeds), each
+    component in the precision its files had, written under the plain file names (no variant)
+    that every loader finds."""
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
+    pipeline = DiffusionPipeline.from_pretrained(
+        str(model_folder), safety_checker=None, **pipeline_load_options(model_folder)
+    )
     vectors = read_embedding_vectors(embedding_path).tensors
     if set(vectors) == set(SDXL_KEYS):
         for key, suffix in zip(SDXL_KEYS, ("", "_2"), strict=True):
