@@ -200,6 +200,20 @@ def test_the_training_node_in_the_web_ui(
     assert "\n" not in known["error_message"]
     assert np.array_equal(ball, server.generate(model, "a photo of a <board-ball>"))
 
+    # a folder wins over a board, which the editor fills in for a Board left on Auto (with the
+    # auto-add board); with neither, one line
+    by_folder = _train(
+        server, model, board_id, placeholder_token="<dir-ball>", train_data_dir=str(object_images)
+    )
+    assert server.wait(by_folder)["status"] == "completed"
+    summary = host_root / "text-inversion-output" / "dir-ball" / "embedding.json"
+    assert json.loads(summary.read_text())["options"]["train_data_dir"] == str(object_images)
+    assert not (host_root / "text-inversion-training-data" / "dir-ball").exists()
+    neither = server.wait(_train(server, model, board_id, board=None, placeholder_token="<no>"))
+    assert neither["error_message"] == (
+        "--board: choose the board whose pictures to train on (or give a train_data_dir)"
+    )
+
 
 NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",

@@ -121,15 +121,16 @@ class TrainTextualInversionInvocation(BaseInvocation):
     # it declares it, with what the board means here
     board: BoardField | None = Field(
         default=None,
-        description="The board whose images are the training set (or give train_data_dir).",
+        description="The board whose images are the training set (Auto: the auto-add board). "
+        "Not used when train_data_dir is given.",
         json_schema_extra=InputFieldJSONSchemaExtra(
             field_kind=FieldKind.Internal, input=Input.Direct, orig_required=False
         ).model_dump(exclude_none=True),
     )
     train_data_dir: str = InputField(
         default="",
-        description="Instead of a board: a folder on the server holding 3-20 images (relative "
-        "to the InvokeAI root unless absolute).",
+        description="Instead of the board: a folder on the server holding 3-20 images "
+        "(relative to the InvokeAI root unless absolute).",
     )
     max_train_steps: int = _option("max_train_steps", ge=1)
     optimizer: OptimizerName = _option("optimizer")
@@ -222,17 +223,19 @@ class TrainTextualInversionInvocation(BaseInvocation):
         )
 
     def _training_folder(self, context: InvocationContext, root: Path) -> Path:
-        """The board's images exported to a folder of ours, or the folder given; not both."""
+        """The folder given, else the board's images exported to a folder of ours. A typed
+        folder wins: the editor fills a Board left on Auto with the auto-add board, which the
+        user never chose for training."""
         folder = self.train_data_dir.strip()
-        if (self.board is None) == (not folder):
+        if folder:
+            if self.board is not None:
+                context.logger.info(f"training on {folder}; the board input is not used")
+            return root / Path(folder).expanduser()
+        if self.board is None:
             raise UserInputError(
-                "give a board or a train_data_dir folder, not both"
-                if folder
-                else "choose the board whose pictures to train on (or give a train_data_dir)",
+                "choose the board whose pictures to train on (or give a train_data_dir)",
                 option="board",
             )
-        if self.board is None:
-            return root / Path(folder).expanduser()
         board_id = self.board.board_id
         names = context.boards.get_all_image_names_for_board(board_id)
         return export_board(
