@@ -1,12 +1,14 @@
-"""A tiny SD 1.x model as one `.safetensors` file in the original (LDM / CompVis) key layout.
+"""Tiny SD 1.x and SDXL models as one `.safetensors` file in the original (LDM) key layout.
 
 Real single-file checkpoints cannot be downloaded in tests, so this writes the tiny diffusers
-pipeline of `tiny_models` the way such files store it (`model.diffusion_model.*`,
-`first_stage_model.*`, `cond_stage_model.transformer.*`). Loading one needs the diffusers configs
-of the model family, which `from_single_file` takes from the Hugging Face hub cache;
-`prepare_hub_configs` puts the tiny pipeline's configs there, under the repo id diffusers asks
-for, so loading works offline exactly as on a real install. Kept apart from `tiny_models`, whose
-source is the test cache's key: a change here rebuilds nothing else.
+pipelines of `tiny_models` the way such files store them (`model.diffusion_model.*`,
+`first_stage_model.*`, and `cond_stage_model.transformer.*` for SD 1.x, or SDXL's
+`conditioner.embedders.0.transformer.*` and OpenCLIP-layout `conditioner.embedders.1.model.*`).
+Loading one needs the diffusers configs of the model family, which `from_single_file` takes from
+the Hugging Face hub cache; `prepare_hub_configs` puts the tiny pipeline's configs there, under
+the repo id diffusers asks for, so loading works offline exactly as on a real install. Kept
+apart from `tiny_models`, whose source is the test cache's key: a change here rebuilds nothing
+else.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["hub_repo_for", "prepare_hub_configs", "write_tiny_single_file"]
+__all__ = [
+    "build_sdxl_single_file_source",
+    "hub_repo_for",
+    "prepare_hub_configs",
+    "write_tiny_single_file",
+]
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
+# diffusers tells an SDXL base checkpoint by a key of its second encoder's tenth block
+SDXL_TEXT_2_LAYERS = 10
 
 # diffusers resnet part -> LDM ResBlock part, in the UNet and in the VAE
 _UNET_RESNET = {
@@ -37,6 +48,8 @@ _UNET_RESNET = {
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size and pooled-text conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -141,12 +154,44 @@ def _rename(key: str, patterns: list[tuple[str, Any]]) -> str:
     return key
 
 
+def _open_clip_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModelWithProjection`'s weights as OpenCLIP names them, the way SDXL
+    checkpoints store their second encoder: q, k and v packed into one projection per block,
+    and the text projection as the matrix the pooled output is multiplied by (transposed)."""
+    layout = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T,
+    }
+    block_key = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
+    blocks = {int(m[1]) for key in state if (m := block_key.match(key))}
+    parts = {
+        "attn.out_proj": "self_attn.out_proj",
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
+    for block in sorted(blocks):
+        old, new = f"text_model.encoder.layers.{block}.", f"transformer.resblocks.{block}."
+        for kind in ("weight", "bias"):
+            layout[f"{new}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{old}self_attn.{name}_proj.{kind}"] for name in "qkv"]
+            )
+            for ours, theirs in parts.items():
+                layout[f"{new}{ours}.{kind}"] = state[f"{old}{theirs}.{kind}"]
+    return layout
+
+
 def single_file_state_dict(pipeline_folder: Path) -> dict[str, torch.Tensor]:
-    """The tiny SD 1.x pipeline's weights under the keys of an original SD 1.x checkpoint."""
+    """A tiny SD 1.x or SDXL pipeline's weights under the keys of an original checkpoint."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = str(pipeline_folder)
+    sdxl = (pipeline_folder / "text_encoder_2").is_dir()
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -159,12 +204,42 @@ def single_file_state_dict(pipeline_folder: Path) -> dict[str, torch.Tensor]:
             tensor = tensor[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         state[VAE_PREFIX + ldm] = tensor
     for key, tensor in text_encoder.state_dict().items():
-        state[TEXT_PREFIX + key] = tensor
+        state[(SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX) + key] = tensor
+    if sdxl:
+        encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+        for key, tensor in _open_clip_layout(encoder_2.state_dict()).items():
+            state[SDXL_TEXT_2_PREFIX + key] = tensor
     return {key: tensor.contiguous() for key, tensor in state.items()}
 
 
+def build_sdxl_single_file_source(sdxl_model: Path, path: Path) -> Path:
+    """The tiny SDXL pipeline with a second text encoder `SDXL_TEXT_2_LAYERS` deep, the depth
+    diffusers needs to take a checkpoint for SDXL base, in float16 as SDXL checkpoints are
+    shared; written (once) as a diffusers folder at `path`, to become a single file."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    if (path / "model_index.json").is_file():
+        return path
+    config = CLIPTextConfig.from_pretrained(str(sdxl_model), subfolder="text_encoder_2")
+    config.num_hidden_layers = SDXL_TEXT_2_LAYERS
+    torch.manual_seed(5)
+    encoder_2 = CLIPTextModelWithProjection(config).to(torch.float16)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        str(sdxl_model), text_encoder_2=encoder_2, dtype=torch.float16
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        pipeline.save_pretrained(str(temp))
+        temp.rename(path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return path
+
+
 def write_tiny_single_file(pipeline_folder: Path, path: Path) -> Path:
-    """Write (once; an existing file is kept) the tiny SD 1.x pipeline as one checkpoint file."""
+    """Write (once; an existing file is kept) a tiny pipeline as one checkpoint file."""
     from safetensors.torch import save_file
 
     if path.is_file():

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from invokeai_ti_plugin.host.installed_models import find_installed_model
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.model_loading import host_model_source, standalone_model_loader
 from invokeai_ti_plugin.tiny_single_file import (
+    build_sdxl_single_file_source,
     hub_repo_for,
     prepare_hub_configs,
     write_tiny_single_file,
@@ -36,6 +38,7 @@ from .conftest import (
 )
 
 CHECKPOINT_NAME = "tiny-sd-1-file"
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +47,32 @@ def sd1_single_file(sd1_model: Path) -> Path:
     return write_tiny_single_file(sd1_model, _cache_dir() / "sd-1-single-file.safetensors")
 
 
-def add_checkpoint_record(root: Path, path: Path, name: str, **fields: object) -> str:
+@pytest.fixture(scope="session")
+def sdxl_single_file(sdxl_model: Path) -> tuple[Path, Path]:
+    """A tiny SDXL pipeline (`build_sdxl_single_file_source`) and the same as one
+    original-layout .safetensors, both cached beside the tiny models."""
+    source = build_sdxl_single_file_source(sdxl_model, _cache_dir() / "sdxl-single-file-source")
+    return source, write_tiny_single_file(source, _cache_dir() / "sdxl-single-file.safetensors")
+
+
+def add_checkpoint_record(
+    root: Path, path: Path, name: str, base: str = "sd-1", **fields: object
+) -> str:
     """Register a single-file main model the way the host stores one; its probe does not take
     a tiny model for a main model, so the record goes in through the record service."""
     from invokeai.backend.model_manager.configs.main import (
         Main_Checkpoint_SD1_Config,
+        Main_Checkpoint_SDXL_Config,
         Main_Checkpoint_SDXLRefiner_Config,
     )
     from invokeai.backend.model_manager.taxonomy import ModelSourceType
 
-    kind = Main_Checkpoint_SDXLRefiner_Config if fields.pop("refiner", False) else None
-    record = (kind or Main_Checkpoint_SD1_Config)(
+    kind = {
+        "sd-1": Main_Checkpoint_SD1_Config,
+        "sdxl": Main_Checkpoint_SDXL_Config,
+        "sdxl-refiner": Main_Checkpoint_SDXLRefiner_Config,
+    }[base]
+    record = kind(
         key=f"key-{name}",
         hash="blake3:tiny",
         path=str(path),
@@ -70,19 +88,32 @@ def add_checkpoint_record(root: Path, path: Path, name: str, **fields: object) -
     return record.key
 
 
+@pytest.mark.parametrize(
+    ("base", "repo"),
+    [("sd-1", "stable-diffusion-v1-5/stable-diffusion-v1-5"), ("sdxl", SDXL_REPO)],
+)
 def test_single_file_checkpoint_holds_the_pipelines_weights(
-    sd1_model: Path, sd1_single_file: Path
+    base: str, repo: str, sd1_model: Path, request: pytest.FixtureRequest
 ) -> None:
-    """diffusers reads the written file back (in the original layout) as the very pipeline."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers reads the written file back (in the original layout) as the very pipeline,
+    and takes it for the model family whose configs the host's load asks the hub cache for."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    loaded = StableDiffusionPipeline.from_single_file(str(sd1_single_file), config=str(sd1_model))
-    original = StableDiffusionPipeline.from_pretrained(str(sd1_model))
-    for part in ("unet", "vae", "text_encoder"):
+    if base == "sdxl":
+        folder, checkpoint = request.getfixturevalue("sdxl_single_file")
+        kind: Any = StableDiffusionXLPipeline
+    else:
+        folder, checkpoint = sd1_model, request.getfixturevalue("sd1_single_file")
+        kind = StableDiffusionPipeline
+    loaded = kind.from_single_file(str(checkpoint), config=str(folder))
+    original = kind.from_pretrained(str(folder))
+    weighted = [name for name, part in original.components.items() if hasattr(part, "state_dict")]
+    assert len(weighted) == (4 if base == "sdxl" else 3)  # UNet, VAE, text encoder(s)
+    for part in weighted:
         ours, theirs = getattr(loaded, part).state_dict(), getattr(original, part).state_dict()
         assert ours.keys() == theirs.keys(), part
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), part
-    assert hub_repo_for(sd1_single_file) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert hub_repo_for(checkpoint) == repo
 
 
 def test_list_models_shows_checkpoints_as_trainable(
@@ -93,7 +124,7 @@ def test_list_models_shows_checkpoints_as_trainable(
     for other in others:
         other.write_bytes(b"listed, never loaded")
     add_checkpoint_record(host_root, others[0], "tiny-inpaint", variant="inpaint")
-    add_checkpoint_record(host_root, others[1], "tiny-refiner", refiner=True)
+    add_checkpoint_record(host_root, others[1], "tiny-refiner", base="sdxl-refiner")
     assert main(["--list-models", f"--root={host_root}"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert str(sd1_single_file) in lines[CHECKPOINT_NAME], lines
@@ -133,7 +164,7 @@ def test_an_import_is_checked_against_a_checkpoint_by_its_base(
     add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
     refiner = tmp_path / "refiner.safetensors"
     refiner.write_bytes(b"listed, never loaded")
-    add_checkpoint_record(host_root, refiner, "tiny-refiner", refiner=True)
+    add_checkpoint_record(host_root, refiner, "tiny-refiner", base="sdxl-refiner")
     one = save_tensors(tmp_path / "one.safetensors", {"emb_params": torch.randn(1, 768)})
     xl = save_tensors(
         tmp_path / "xl.safetensors",
@@ -229,6 +260,37 @@ def test_the_command_line_trains_a_single_file_checkpoint(
     assert stored.is_file()
     summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
     assert json.loads(summary.read_text())["model"] == CHECKPOINT_NAME
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_an_sdxl_single_file_checkpoint(
+    host_root: Path, object_images: Path, sdxl_single_file: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SDXL as most users install it, one file: both encoders' vectors come from the
+    checkpoint's own encoders (the second in OpenCLIP's layout), loaded by the host offline."""
+    from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
+
+    source, checkpoint = sdxl_single_file
+    add_checkpoint_record(host_root, checkpoint, "tiny-sdxl-file", base="sdxl")
+    hub = tmp_path / "hub"
+    prepare_hub_configs(hub, hub_repo_for(checkpoint), source)
+    args = host_cli_args(
+        host_root, object_images, "tiny-sdxl-file", "--resolution=64", "--no-eval_loss"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (embedding,) = host_records(host_root)
+    assert (embedding.name, embedding.base.value) == ("striped-ball", "sdxl")
+    stored = host_root / "embeddings" / "striped-ball" / "sdxl" / "learned_embeds.safetensors"
+    vectors = read_embedding_vectors(stored).tensors
+    assert {key: tuple(v.shape) for key, v in vectors.items()} == {
+        "clip_l": (1, 768),
+        "clip_g": (1, 1280),
+    }
+    summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
+    assert json.loads(summary.read_text())["model"] == "tiny-sdxl-file"
 
 
 @pytest.mark.slow
