@@ -3,6 +3,7 @@ back exactly as they were, the host's precision."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from invokeai_ti_plugin import tiny_single_file
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.host.installed_models import find_installed_model
@@ -41,18 +43,24 @@ CHECKPOINT_NAME = "tiny-sd-1-file"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+def _single_file_cache() -> Path:
+    """Beside the tiny models, under the writer's own source hash: a changed writer rebuilds."""
+    key = hashlib.sha256(Path(tiny_single_file.__file__).read_bytes()).hexdigest()[:12]
+    return _cache_dir() / f"single-file-{key}"
+
+
 @pytest.fixture(scope="session")
 def sd1_single_file(sd1_model: Path) -> Path:
-    """The tiny SD 1 pipeline as one original-layout .safetensors, cached beside it."""
-    return write_tiny_single_file(sd1_model, _cache_dir() / "sd-1-single-file.safetensors")
+    """The tiny SD 1 pipeline as one original-layout .safetensors."""
+    return write_tiny_single_file(sd1_model, _single_file_cache() / "sd-1.safetensors")
 
 
 @pytest.fixture(scope="session")
 def sdxl_single_file(sdxl_model: Path) -> tuple[Path, Path]:
     """A tiny SDXL pipeline (`build_sdxl_single_file_source`) and the same as one
-    original-layout .safetensors, both cached beside the tiny models."""
-    source = build_sdxl_single_file_source(sdxl_model, _cache_dir() / "sdxl-single-file-source")
-    return source, write_tiny_single_file(source, _cache_dir() / "sdxl-single-file.safetensors")
+    original-layout .safetensors."""
+    source = build_sdxl_single_file_source(sdxl_model, _single_file_cache() / "sdxl-source")
+    return source, write_tiny_single_file(source, _single_file_cache() / "sdxl.safetensors")
 
 
 def add_checkpoint_record(
