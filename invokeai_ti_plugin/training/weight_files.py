@@ -33,13 +33,18 @@ def _weight_files(component: Path) -> list[tuple[Path, str | None]]:
     return found
 
 
+def _preferred(variants: set[str]) -> str | None:
+    """fp16 where there is a choice (the variant hub repos and InvokeAI's installer use)."""
+    return "fp16" if "fp16" in variants else min(variants, default=None)
+
+
 def weights_variant(component: Path) -> str | None:
     """The variant to load the component with: None where plain files exist (or none at all),
-    else its only variant ("fp16" where there are several)."""
+    else its only variant (`_preferred` where there are several)."""
     variants = {variant for _, variant in _weight_files(component)}
-    if not variants or None in variants:
+    if None in variants:
         return None
-    return "fp16" if "fp16" in variants else min(v for v in variants if v is not None)
+    return _preferred({variant for variant in variants if variant is not None})
 
 
 def stored_dtype(component: Path) -> torch.dtype:
@@ -64,8 +69,8 @@ def pipeline_load_options(folder: Path) -> dict[str, Any]:
     """`DiffusionPipeline.from_pretrained` keywords that load every component of the pipeline
     folder as it is stored: its variant (one for the pipeline) and each component's precision."""
     components = [path for path in sorted(folder.iterdir()) if path.is_dir()]
-    variants = {weights_variant(path) for path in components} - {None}
+    variants = {variant for path in components if (variant := weights_variant(path))}
     return {
-        "variant": "fp16" if "fp16" in variants else min(variants, default=None),
+        "variant": _preferred(variants),
         "dtype": {path.name: stored_dtype(path) for path in components},
     }
