@@ -4,12 +4,11 @@ Users name output folders themselves, so a run must never lose their files. A fo
 ours when a run claims it: a marker file of ours then lists every path our runs wrote there (a
 manifest), and a run only ever replaces or deletes paths in that list. A folder holding anything
 else is refused unless --overwrite, and even then a run writes only beside its files. One run at
-a time uses a folder: it holds an `flock` on a lock file of ours, which dies with its process.
+a time uses a folder: it holds a lock on a lock file of ours, which dies with its process.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from types import TracebackType
 
 from ..atomic_files import write_json_atomically
 from ..errors import UserInputError
+from ..file_lock import try_lock, unlock
 from .embedding_file import EMBEDDING_FILENAME
 
 MARKER_FILENAME = ".invokeai-ti-run.json"
@@ -135,11 +135,9 @@ class RunFolder:
                 "--output_dir",
                 option="output_dir",
             ) from error
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
+        if not try_lock(lock):
             os.close(lock)
-            raise self._busy() from error
+            raise self._busy()
         self._lock = lock
         os.ftruncate(lock, 0)
         os.write(lock, f"{os.getpid()}\n".encode())
@@ -150,7 +148,8 @@ class RunFolder:
     def release(self) -> None:
         """End this run's hold on the folder (a killed process's hold ends with it)."""
         if self._lock is not None:
-            os.close(self._lock)  # closing the only descriptor drops the flock
+            unlock(self._lock)
+            os.close(self._lock)
             self._lock = None
 
     def __enter__(self) -> RunFolder:
@@ -247,9 +246,9 @@ class RunFolder:
         except OSError:
             return  # no lock file (yet): nobody holds it; `claim` decides for certain
         try:
-            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            raise self._busy() from error
+            if not try_lock(probe, shared=True):
+                raise self._busy()
+            unlock(probe)
         finally:
             os.close(probe)
 
