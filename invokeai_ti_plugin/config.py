@@ -56,6 +56,8 @@ def default_mixed_precision() -> MixedPrecision:
 
 PROMPT_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what InvokeAI's `<name>` prompt syntax can reach
 MAX_NAME_LENGTH = 100  # a folder name on every file system, with room to spare
+# what Windows reserves for devices, with or without an extension: no folder can take the name
+WINDOWS_DEVICE_NAME = re.compile(r"(?i)(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?")
 MAX_VECTORS = 75  # a CLIP prompt holds 77 tokens: start, 75, end
 # the latent is 1/8 of the image and the UNet halves it three times: 64 px reaches 1 latent px
 MIN_RESOLUTION = 64
@@ -67,12 +69,16 @@ MAX_VALIDATION_IMAGES = 16  # the sample grid is rendered in one batch
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name an embedding, or None. Names become folder names
-    (ROOT/embeddings/<name>/...), so one that climbs ('..') or hides ('.x') is refused like any
-    other that InvokeAI's `<name>` prompt syntax cannot reach."""
+    (ROOT/embeddings/<name>/...), so one that climbs ('..'), hides ('.x') or is no folder name
+    on Windows is refused like any other that InvokeAI's `<name>` prompt syntax cannot reach."""
     if not PROMPT_NAME.fullmatch(name):
         return "may use only letters, digits, '.', '_' and '-', so that InvokeAI prompts reach it"
     if name.startswith("."):
         return "must not start with '.': as a folder name it would climb ('..') or be hidden"
+    if name.endswith("."):
+        return "must not end with '.': Windows drops it from a folder name ('a.' is 'a')"
+    if WINDOWS_DEVICE_NAME.fullmatch(name):
+        return "is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9), not a folder"
     if len(name) > MAX_NAME_LENGTH:
         return f"is longer than {MAX_NAME_LENGTH} characters"
     return None

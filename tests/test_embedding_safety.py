@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.config import name_problem
 from invokeai_ti_plugin.errors import UserInputError
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.embeddings import register_embedding_file
@@ -107,6 +108,22 @@ def test_import_refuses_a_name_of_dots_from_the_file(
     assert repr(name) in error and "pass --name" in error
     assert _files(tmp_path) == before
     assert host_records(host_root) == []
+
+
+@pytest.mark.parametrize("name", ["con", "NUL", "Com1", "lpt9.old", "aux.", "ball."])
+def test_names_windows_cannot_give_a_folder_are_refused_everywhere(
+    capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, name: str
+) -> None:
+    """A folder of InvokeAI's root may move to Windows, where these are devices or lose their
+    last dot (two names, one folder)."""
+    args = host_cli_args(host_root, object_images, "tiny-sd-1", f"--placeholder_token=<{name}>")
+    assert main(args) == 2
+    assert "Windows" in _one_line_error(capsys)
+    assert not (host_root / "text-inversion-output").exists()
+
+
+def test_names_that_only_begin_like_a_windows_device_are_fine() -> None:
+    assert [name_problem(name) for name in ("console", "nullify", "com10", "ball.v2")] == [None] * 4
 
 
 @pytest.mark.parametrize("name", [*CLIMBING, ".hidden"])
