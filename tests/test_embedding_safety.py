@@ -200,6 +200,29 @@ def test_one_name_on_two_bases_keeps_both_and_only_the_same_base_is_updated(
     assert {r.base.value: r.key for r in host_records(host_root)}["sdxl"] == xl_key
 
 
+def test_a_name_that_differs_only_in_case_is_refused_on_the_same_base(
+    capsys: pytest.CaptureFixture[str], host_root: Path, tmp_path: Path
+) -> None:
+    """<Ball> after <ball>: one folder on Windows and macOS, where the second would overwrite
+    the first's file under its record."""
+    first = save_tensors(tmp_path / "a.safetensors", {"emb_params": torch.randn(1, 768)})
+    second = save_tensors(tmp_path / "b.safetensors", {"emb_params": torch.randn(1, 768)})
+    xl = save_tensors(
+        tmp_path / "c.safetensors", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}
+    )
+    assert main(["import", str(first), f"--root={host_root}", "--name=ball"]) == 0
+    stored = _stored(host_root, "ball", "sd-1").read_bytes()
+    capsys.readouterr()
+    assert main(["import", str(second), f"--root={host_root}", "--name=Ball"]) == 2
+    assert "named <ball>, which differs from <Ball> only in case" in _one_line_error(capsys)
+    assert _records(host_root) == {("ball", "sd-1")}
+    assert _stored(host_root, "ball", "sd-1").read_bytes() == stored
+    assert not (host_root / "embeddings" / "Ball").exists()
+    # on another base the folders differ (ball/sd-1, Ball/sdxl): both are kept
+    assert main(["import", str(xl), f"--root={host_root}", "--name=Ball"]) == 0
+    assert _records(host_root) == {("ball", "sd-1"), ("Ball", "sdxl")}
+
+
 @pytest.mark.slow
 def test_training_one_trigger_on_two_bases_keeps_both(
     capsys: pytest.CaptureFixture[str], host_root: Path, object_images: Path, tmp_path: Path

@@ -151,9 +151,20 @@ def _records_replaced_by(
     models: HostModels, name: str, base: str, target: Path, legacy: Path | None = None
 ) -> list:  # type: ignore[type-arg]
     """Earlier records of `target` (and of `name` on `base` at our `legacy` path); refuses any
-    other embedding of the same name and base, which InvokeAI could not tell apart in prompts."""
+    other embedding of the same name and base, which InvokeAI could not tell apart in prompts,
+    and one whose name differs only in case, whose folder is ours on Windows and macOS."""
     previous = []
     for record in embedding_records(models):
+        if (
+            record.base.value == base
+            and record.name != name
+            and record.name.casefold() == name.casefold()
+        ):
+            raise UserInputError(
+                f"InvokeAI already has a {base} embedding named <{record.name}>, which differs "
+                f"from <{name}> only in case (on Windows and macOS the two would share one "
+                "folder); choose another name"
+            )
         path = models.absolute(record.path).resolve()
         same_name = record.name == name and record.base.value == base
         legacy_of_name = same_name and legacy is not None and path == legacy.resolve()
