@@ -63,6 +63,14 @@ def sdxl_single_file(sdxl_model: Path) -> tuple[Path, Path]:
     return source, write_tiny_single_file(source, _single_file_cache() / "sdxl.safetensors")
 
 
+def _single_file(base: str, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """The diffusers folder of a tiny single-file checkpoint of `base`, and the file."""
+    if base == "sdxl":
+        folder, checkpoint = request.getfixturevalue("sdxl_single_file")
+        return folder, checkpoint
+    return request.getfixturevalue("sd1_model"), request.getfixturevalue("sd1_single_file")
+
+
 def add_checkpoint_record(
     root: Path, path: Path, name: str, base: str = "sd-1", **fields: object
 ) -> str:
@@ -101,18 +109,14 @@ def add_checkpoint_record(
     [("sd-1", "stable-diffusion-v1-5/stable-diffusion-v1-5"), ("sdxl", SDXL_REPO)],
 )
 def test_single_file_checkpoint_holds_the_pipelines_weights(
-    base: str, repo: str, sd1_model: Path, request: pytest.FixtureRequest
+    base: str, repo: str, request: pytest.FixtureRequest
 ) -> None:
     """diffusers reads the written file back (in the original layout) as the very pipeline,
     and takes it for the model family whose configs the host's load asks the hub cache for."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if base == "sdxl":
-        folder, checkpoint = request.getfixturevalue("sdxl_single_file")
-        kind: Any = StableDiffusionXLPipeline
-    else:
-        folder, checkpoint = sd1_model, request.getfixturevalue("sd1_single_file")
-        kind = StableDiffusionPipeline
+    folder, checkpoint = _single_file(base, request)
+    kind: Any = StableDiffusionXLPipeline if base == "sdxl" else StableDiffusionPipeline
     loaded = kind.from_single_file(str(checkpoint), config=str(folder))
     original = kind.from_pretrained(str(folder))
     weighted = [name for name, part in original.components.items() if hasattr(part, "state_dict")]
@@ -249,56 +253,44 @@ def test_training_through_the_hosts_cache_gives_every_part_back_as_it_was(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("base", "shapes", "extra"),
+    [
+        ("sd-1", {"emb_params": (1, 768)}, []),
+        # SDXL as most users install it, its second encoder in OpenCLIP's layout
+        ("sdxl", {"clip_l": (1, 768), "clip_g": (1, 1280)}, ["--no-eval_loss"]),
+    ],
+)
 def test_the_command_line_trains_a_single_file_checkpoint(
-    host_root: Path, object_images: Path, sd1_model: Path, sd1_single_file: Path, tmp_path: Path
+    base: str,
+    shapes: dict[str, tuple[int, int]],
+    extra: list[str],
+    host_root: Path,
+    object_images: Path,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     """Through the host's own single-file loader, offline: diffusers reads the family's configs
     from the hub cache, where a first online load would have left them."""
-    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
-    hub = tmp_path / "hub"
-    prepare_hub_configs(hub, hub_repo_for(sd1_single_file), sd1_model)
-    args = host_cli_args(host_root, object_images, CHECKPOINT_NAME, "--resolution=64")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
-    done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    (embedding,) = host_records(host_root)
-    assert (embedding.name, embedding.base.value) == ("striped-ball", "sd-1")
-    stored = host_root / "embeddings" / "striped-ball" / "sd-1" / "learned_embeds.safetensors"
-    assert stored.is_file()
-    summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
-    assert json.loads(summary.read_text())["model"] == CHECKPOINT_NAME
-
-
-@pytest.mark.slow
-def test_the_command_line_trains_an_sdxl_single_file_checkpoint(
-    host_root: Path, object_images: Path, sdxl_single_file: tuple[Path, Path], tmp_path: Path
-) -> None:
-    """SDXL as most users install it, one file: both encoders' vectors come from the
-    checkpoint's own encoders (the second in OpenCLIP's layout), loaded by the host offline."""
     from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 
-    source, checkpoint = sdxl_single_file
-    add_checkpoint_record(host_root, checkpoint, "tiny-sdxl-file", base="sdxl")
+    folder, checkpoint = _single_file(base, request)
+    name = f"tiny-{base}-file"
+    add_checkpoint_record(host_root, checkpoint, name, base=base)
     hub = tmp_path / "hub"
-    prepare_hub_configs(hub, hub_repo_for(checkpoint), source)
-    args = host_cli_args(
-        host_root, object_images, "tiny-sdxl-file", "--resolution=64", "--no-eval_loss"
-    )
+    prepare_hub_configs(hub, hub_repo_for(checkpoint), folder)
+    args = host_cli_args(host_root, object_images, name, "--resolution=64", *extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
     done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     (embedding,) = host_records(host_root)
-    assert (embedding.name, embedding.base.value) == ("striped-ball", "sdxl")
-    stored = host_root / "embeddings" / "striped-ball" / "sdxl" / "learned_embeds.safetensors"
+    assert (embedding.name, embedding.base.value) == ("striped-ball", base)
+    stored = host_root / "embeddings" / "striped-ball" / base / "learned_embeds.safetensors"
     vectors = read_embedding_vectors(stored).tensors
-    assert {key: tuple(v.shape) for key, v in vectors.items()} == {
-        "clip_l": (1, 768),
-        "clip_g": (1, 1280),
-    }
+    assert {key: tuple(tensor.shape) for key, tensor in vectors.items()} == shapes
     summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
-    assert json.loads(summary.read_text())["model"] == "tiny-sdxl-file"
+    assert json.loads(summary.read_text())["model"] == name
 
 
 @pytest.mark.slow
