@@ -152,6 +152,7 @@ def test_full_pipeline_export_keeps_the_models_precision(
     sd1_fp16_files_only: Path,
     object_images: Path,
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The exported pipeline holds the learned vector, in the precision of the model's files,
     under the plain names that loaders find without being told a variant."""
@@ -162,6 +163,7 @@ def test_full_pipeline_export_keeps_the_models_precision(
     model, dtype = (sd1_model, "F32") if stored == "float32" else (sd1_fp16_files_only, "F16")
     out = tmp_path / "out"
     assert main(cli_args(model, object_images, out, "--no-only_save_embeds")) == 0
+    assert "multivariate normal" not in caplog.text  # transformers' notice on resizing a table
     exported = out / "pipeline"
     for component, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")]:
         (weights,) = (exported / component).glob("*.safetensors")

@@ -24,6 +24,13 @@ def export_pipeline(
         str(model_folder), safety_checker=None, **pipeline_load_options(model_folder)
     )
     vectors = read_embedding_vectors(embedding_path).tensors
+    rows = len(next(iter(vectors.values())))
+    for suffix in ("", "_2") if set(vectors) == set(SDXL_KEYS) else ("",):
+        # the rows the loader adds, added first without transformers' mean-resizing, which only
+        # warns about and samples a covariance of the whole table for rows the loader overwrites
+        getattr(pipeline, f"text_encoder{suffix}").resize_token_embeddings(
+            len(getattr(pipeline, f"tokenizer{suffix}")) + rows, mean_resizing=False
+        )
     if set(vectors) == set(SDXL_KEYS):
         for key, suffix in zip(SDXL_KEYS, ("", "_2"), strict=True):
             pipeline.load_textual_inversion(
