@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .embedding_file import SDXL_KEYS, read_embedding_vectors
+from .embedding_file import EMBEDDING_KEY, SDXL_KEYS, read_embedding_vectors
 from .run_folder import RunFolder
 from .weight_files import pipeline_load_options
 
@@ -24,23 +24,16 @@ def export_pipeline(
         str(model_folder), safety_checker=None, **pipeline_load_options(model_folder)
     )
     vectors = read_embedding_vectors(embedding_path).tensors
-    rows = len(next(iter(vectors.values())))
-    for suffix in ("", "_2") if set(vectors) == set(SDXL_KEYS) else ("",):
+    keys = SDXL_KEYS if set(vectors) == set(SDXL_KEYS) else (EMBEDDING_KEY,)
+    for key, suffix in zip(keys, ("", "_2")[: len(keys)], strict=True):
+        encoder = getattr(pipeline, f"text_encoder{suffix}")
+        tokenizer = getattr(pipeline, f"tokenizer{suffix}")
         # the rows the loader adds, added first without transformers' mean-resizing, which only
         # warns about and samples a covariance of the whole table for rows the loader overwrites
-        getattr(pipeline, f"text_encoder{suffix}").resize_token_embeddings(
-            len(getattr(pipeline, f"tokenizer{suffix}")) + rows, mean_resizing=False
+        encoder.resize_token_embeddings(len(tokenizer) + len(vectors[key]), mean_resizing=False)
+        pipeline.load_textual_inversion(
+            vectors[key], token=token, text_encoder=encoder, tokenizer=tokenizer
         )
-    if set(vectors) == set(SDXL_KEYS):
-        for key, suffix in zip(SDXL_KEYS, ("", "_2"), strict=True):
-            pipeline.load_textual_inversion(
-                vectors[key],
-                token=token,
-                text_encoder=getattr(pipeline, f"text_encoder{suffix}"),
-                tokenizer=getattr(pipeline, f"tokenizer{suffix}"),
-            )
-    else:
-        pipeline.load_textual_inversion(str(embedding_path), token=token)
     target = folder.pipeline
     temp = folder.partial(target)
     folder.take(temp)
