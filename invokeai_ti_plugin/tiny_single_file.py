@@ -1,9 +1,10 @@
-"""Tiny SD 1.x and SDXL models as one `.safetensors` file in the original (LDM) key layout.
+"""Tiny SD 1.x, 2.x and SDXL models as one `.safetensors` file in the original (LDM) key layout.
 
 Real single-file checkpoints cannot be downloaded in tests, so this writes the tiny diffusers
 pipelines of `tiny_models` the way such files store them (`model.diffusion_model.*`,
-`first_stage_model.*`, and `cond_stage_model.transformer.*` for SD 1.x, or SDXL's
-`conditioner.embedders.0.transformer.*` and OpenCLIP-layout `conditioner.embedders.1.model.*`).
+`first_stage_model.*`, and `cond_stage_model.transformer.*` for SD 1.x, OpenCLIP-layout
+`cond_stage_model.model.*` for SD 2.x, or SDXL's `conditioner.embedders.0.transformer.*` and
+OpenCLIP-layout `conditioner.embedders.1.model.*`).
 Loading one needs the diffusers configs of the model family, which `from_single_file` takes from
 the Hugging Face hub cache; `prepare_hub_configs` puts the tiny pipeline's configs there, under
 the repo id diffusers asks for, so loading works offline exactly as on a real install. Kept
@@ -21,8 +22,10 @@ from typing import Any
 
 import torch
 
+from .training.bases import CROSS_ATTENTION_DIMS
+
 __all__ = [
-    "build_sdxl_single_file_source",
+    "build_single_file_source",
     "hub_repo_for",
     "prepare_hub_configs",
     "write_tiny_single_file",
@@ -31,10 +34,14 @@ __all__ = [
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
 # diffusers tells an SDXL base checkpoint by a key of its second encoder's tenth block
 SDXL_TEXT_2_LAYERS = 10
+# diffusers and InvokeAI tell SD 1 from SD 2 by `input_blocks.2.1`, the first down block's
+# second attention: a UNet with one layer per block has none
+SD2_LAYERS_PER_BLOCK = 2
 
 # diffusers resnet part -> LDM ResBlock part, in the UNet and in the VAE
 _UNET_RESNET = {
@@ -155,16 +162,17 @@ def _rename(key: str, patterns: list[tuple[str, Any]]) -> str:
 
 
 def _open_clip_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `CLIPTextModelWithProjection`'s weights as OpenCLIP names them, the way SDXL
-    checkpoints store their second encoder: q, k and v packed into one projection per block,
-    and the text projection as the matrix the pooled output is multiplied by (transposed)."""
+    """A CLIP text model's weights as OpenCLIP names them, the way SD 2 checkpoints store their
+    encoder and SDXL checkpoints their second: q, k and v packed into one projection per block,
+    and (SDXL's) text projection as the matrix the pooled output is multiplied by (transposed)."""
     layout = {
         "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
         "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
         "ln_final.weight": state["text_model.final_layer_norm.weight"],
         "ln_final.bias": state["text_model.final_layer_norm.bias"],
-        "text_projection": state["text_projection.weight"].T,
     }
+    if "text_projection.weight" in state:
+        layout["text_projection"] = state["text_projection.weight"].T
     block_key = re.compile(r"text_model\.encoder\.layers\.(\d+)\.")
     blocks = {int(m[1]) for key in state if (m := block_key.match(key))}
     parts = {
@@ -186,7 +194,7 @@ def _open_clip_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def single_file_state_dict(pipeline_folder: Path) -> dict[str, torch.Tensor]:
-    """A tiny SD 1.x or SDXL pipeline's weights under the keys of an original checkpoint."""
+    """A tiny SD 1.x, 2.x or SDXL pipeline's weights under the keys of an original checkpoint."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -203,8 +211,12 @@ def single_file_state_dict(pipeline_folder: Path) -> dict[str, torch.Tensor]:
         if ".mid.attn_1." in ldm and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
         state[VAE_PREFIX + ldm] = tensor
-    for key, tensor in text_encoder.state_dict().items():
-        state[(SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX) + key] = tensor
+    if unet.config.cross_attention_dim == CROSS_ATTENTION_DIMS["sd-2"]:
+        for key, tensor in _open_clip_layout(text_encoder.state_dict()).items():
+            state[SD2_TEXT_PREFIX + key] = tensor
+    else:
+        for key, tensor in text_encoder.state_dict().items():
+            state[(SDXL_TEXT_PREFIX if sdxl else TEXT_PREFIX) + key] = tensor
     if sdxl:
         encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
         for key, tensor in _open_clip_layout(encoder_2.state_dict()).items():
@@ -212,22 +224,30 @@ def single_file_state_dict(pipeline_folder: Path) -> dict[str, torch.Tensor]:
     return {key: tensor.contiguous() for key, tensor in state.items()}
 
 
-def build_sdxl_single_file_source(sdxl_model: Path, path: Path) -> Path:
-    """The tiny SDXL pipeline with a second text encoder `SDXL_TEXT_2_LAYERS` deep, the depth
-    diffusers needs to take a checkpoint for SDXL base, in float16 as SDXL checkpoints are
-    shared; written (once) as a diffusers folder at `path`, to become a single file."""
-    from diffusers import StableDiffusionXLPipeline
+def build_single_file_source(tiny_pipeline: Path, path: Path) -> Path:
+    """The tiny SD 2 or SDXL pipeline with what diffusers needs to recognise its family in a
+    checkpoint, in the precision such files are shared in; written (once) as a diffusers folder
+    at `path`, to become a single file. SD 2: a UNet `SD2_LAYERS_PER_BLOCK` layers per block,
+    float32. SDXL: a second text encoder `SDXL_TEXT_2_LAYERS` deep, float16."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     if (path / "model_index.json").is_file():
         return path
-    config = CLIPTextConfig.from_pretrained(str(sdxl_model), subfolder="text_encoder_2")
-    config.num_hidden_layers = SDXL_TEXT_2_LAYERS
     torch.manual_seed(5)
-    encoder_2 = CLIPTextModelWithProjection(config).to(torch.float16)
-    pipeline = StableDiffusionXLPipeline.from_pretrained(
-        str(sdxl_model), text_encoder_2=encoder_2, dtype=torch.float16
-    )
+    if (tiny_pipeline / "text_encoder_2").is_dir():
+        config = CLIPTextConfig.from_pretrained(str(tiny_pipeline), subfolder="text_encoder_2")
+        config.num_hidden_layers = SDXL_TEXT_2_LAYERS
+        encoder_2 = CLIPTextModelWithProjection(config).to(torch.float16)
+        pipeline = DiffusionPipeline.from_pretrained(
+            str(tiny_pipeline), text_encoder_2=encoder_2, dtype=torch.float16
+        )
+    else:
+        unet_config = UNet2DConditionModel.load_config(str(tiny_pipeline), subfolder="unet")
+        unet = UNet2DConditionModel.from_config(
+            {**unet_config, "layers_per_block": SD2_LAYERS_PER_BLOCK}
+        )
+        pipeline = DiffusionPipeline.from_pretrained(str(tiny_pipeline), unet=unet)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     try:

@@ -21,7 +21,7 @@ from invokeai_ti_plugin.host.installed_models import find_installed_model
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.model_loading import host_model_source, standalone_model_loader
 from invokeai_ti_plugin.tiny_single_file import (
-    build_sdxl_single_file_source,
+    build_single_file_source,
     hub_repo_for,
     prepare_hub_configs,
     write_tiny_single_file,
@@ -41,6 +41,7 @@ from .conftest import (
 
 CHECKPOINT_NAME = "tiny-sd-1-file"
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
+SD2_REPO = "stabilityai/stable-diffusion-2-1"
 
 
 def _single_file_cache() -> Path:
@@ -55,20 +56,14 @@ def sd1_single_file(sd1_model: Path) -> Path:
     return write_tiny_single_file(sd1_model, _single_file_cache() / "sd-1.safetensors")
 
 
-@pytest.fixture(scope="session")
-def sdxl_single_file(sdxl_model: Path) -> tuple[Path, Path]:
-    """A tiny SDXL pipeline (`build_sdxl_single_file_source`) and the same as one
-    original-layout .safetensors."""
-    source = build_sdxl_single_file_source(sdxl_model, _single_file_cache() / "sdxl-source")
-    return source, write_tiny_single_file(source, _single_file_cache() / "sdxl.safetensors")
-
-
 def _single_file(base: str, request: pytest.FixtureRequest) -> tuple[Path, Path]:
-    """The diffusers folder of a tiny single-file checkpoint of `base`, and the file."""
-    if base == "sdxl":
-        folder, checkpoint = request.getfixturevalue("sdxl_single_file")
-        return folder, checkpoint
-    return request.getfixturevalue("sd1_model"), request.getfixturevalue("sd1_single_file")
+    """The diffusers folder of a tiny single-file checkpoint of `base`, and the file: SD 1's
+    tiny pipeline as it is, SD 2's and SDXL's as `build_single_file_source` makes them."""
+    if base == "sd-1":
+        return request.getfixturevalue("sd1_model"), request.getfixturevalue("sd1_single_file")
+    tiny = request.getfixturevalue({"sd-2": "sd2_model", "sdxl": "sdxl_model"}[base])
+    source = build_single_file_source(tiny, _single_file_cache() / f"{base}-source")
+    return source, write_tiny_single_file(source, _single_file_cache() / f"{base}.safetensors")
 
 
 def add_checkpoint_record(
@@ -78,6 +73,7 @@ def add_checkpoint_record(
     a tiny model for a main model, so the record goes in through the record service."""
     from invokeai.backend.model_manager.configs.main import (
         Main_Checkpoint_SD1_Config,
+        Main_Checkpoint_SD2_Config,
         Main_Checkpoint_SDXL_Config,
         Main_Checkpoint_SDXLRefiner_Config,
     )
@@ -85,6 +81,7 @@ def add_checkpoint_record(
 
     kind = {
         "sd-1": Main_Checkpoint_SD1_Config,
+        "sd-2": Main_Checkpoint_SD2_Config,
         "sdxl": Main_Checkpoint_SDXL_Config,
         "sdxl-refiner": Main_Checkpoint_SDXLRefiner_Config,
     }[base]
@@ -106,7 +103,11 @@ def add_checkpoint_record(
 
 @pytest.mark.parametrize(
     ("base", "repo"),
-    [("sd-1", "stable-diffusion-v1-5/stable-diffusion-v1-5"), ("sdxl", SDXL_REPO)],
+    [
+        ("sd-1", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("sd-2", SD2_REPO),
+        ("sdxl", SDXL_REPO),
+    ],
 )
 def test_single_file_checkpoint_holds_the_pipelines_weights(
     base: str, repo: str, request: pytest.FixtureRequest
@@ -254,15 +255,19 @@ def test_training_through_the_hosts_cache_gives_every_part_back_as_it_was(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("base", "shapes", "extra"),
+    ("base", "prediction", "shapes", "extra"),
     [
-        ("sd-1", {"emb_params": (1, 768)}, []),
-        # SDXL as most users install it, its second encoder in OpenCLIP's layout
-        ("sdxl", {"clip_l": (1, 768), "clip_g": (1, 1280)}, ["--no-eval_loss"]),
+        ("sd-1", "epsilon", {"emb_params": (1, 768)}, []),
+        # SD 2.1-base: InvokeAI's probe records epsilon, diffusers loads SD 2.1's v-prediction
+        ("sd-2", "epsilon", {"emb_params": (1, 1024)}, []),
+        # SDXL as most users install it, its second encoder in OpenCLIP's layout; a
+        # v-prediction finetune, which InvokeAI records as v_prediction once the user says so
+        ("sdxl", "v_prediction", {"clip_l": (1, 768), "clip_g": (1, 1280)}, ["--no-eval_loss"]),
     ],
 )
 def test_the_command_line_trains_a_single_file_checkpoint(
     base: str,
+    prediction: str,
     shapes: dict[str, tuple[int, int]],
     extra: list[str],
     host_root: Path,
@@ -271,14 +276,17 @@ def test_the_command_line_trains_a_single_file_checkpoint(
     tmp_path: Path,
 ) -> None:
     """Through the host's own single-file loader, offline: diffusers reads the family's configs
-    from the hub cache, where a first online load would have left them."""
+    from the hub cache, where a first online load would have left them. The run predicts what
+    InvokeAI's record says the model predicts, as InvokeAI's generation does, even where the
+    family's scheduler config says otherwise."""
     from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 
     folder, checkpoint = _single_file(base, request)
     name = f"tiny-{base}-file"
-    add_checkpoint_record(host_root, checkpoint, name, base=base)
+    add_checkpoint_record(host_root, checkpoint, name, base=base, prediction_type=prediction)
     hub = tmp_path / "hub"
     prepare_hub_configs(hub, hub_repo_for(checkpoint), folder)
+    configured = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     args = host_cli_args(host_root, object_images, name, "--resolution=64", *extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
     done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env, timeout=600)
@@ -290,7 +298,11 @@ def test_the_command_line_trains_a_single_file_checkpoint(
     vectors = read_embedding_vectors(stored).tensors
     assert {key: tuple(tensor.shape) for key, tensor in vectors.items()} == shapes
     summary = host_root / "text-inversion-output" / "striped-ball" / "embedding.json"
-    assert json.loads(summary.read_text())["model"] == name
+    facts = json.loads(summary.read_text())
+    assert (facts["model"], facts["prediction_type"]) == (name, prediction)
+    differs = configured["prediction_type"] != prediction
+    assert differs == (base != "sd-1")  # the cases above: the record and config disagree
+    assert differs == (f"{name} predicts {prediction} by InvokeAI's model record" in done.stderr)
 
 
 @pytest.mark.slow
@@ -318,3 +330,28 @@ def test_sdxl_parts_come_from_the_hosts_cache(host_root: Path) -> None:
         assert parts.unet is unet and not any(p.requires_grad for p in unet.parameters())
         source.close()
         assert [p.requires_grad for p in unet.parameters()] == flags
+
+
+def test_a_corrected_prediction_type_in_the_model_manager_is_what_training_predicts(
+    host_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A diffusers model whose scheduler config is wrong, corrected in InvokeAI's model
+    manager: InvokeAI generates with the record's prediction type, so training must too (the
+    noise schedule the loss, evaluation and sample grids all use)."""
+    from invokeai.app.services.model_records import ModelRecordChanges
+    from invokeai.backend.model_manager.taxonomy import SchedulerPredictionType
+
+    with open_host_models(host_root) as models:
+        (model,) = find_installed_model(models, "tiny-sd-1")
+        record = models.store.update_model(
+            model.record.key,
+            ModelRecordChanges(prediction_type=SchedulerPredictionType.VPrediction),
+        )
+    with standalone_model_loader(host_root) as loader_for:
+        source = host_model_source(record, loader_for(record))
+        with caplog.at_level(logging.WARNING):
+            parts = source.load_parts(source.dtype or torch.float32)
+        source.close()
+    assert parts.info.prediction_type == "v_prediction"
+    assert parts.noise_scheduler.config.prediction_type == "v_prediction"
+    assert "its scheduler config says epsilon" in caplog.text

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 SubmodelLoader = Callable[["SubModelType"], "LoadedModelWithoutConfig"]
 
+logger = logging.getLogger(__name__)
+
 
 def host_model_source(record: AnyModelConfig, load: SubmodelLoader) -> ModelSource:
     """Train on InvokeAI's main model `record`, whose parts `load` gets from the host."""
@@ -70,11 +72,12 @@ def host_model_source(record: AnyModelConfig, load: SubmodelLoader) -> ModelSour
 
 def _record_info(record: AnyModelConfig, path: Path) -> ModelInfo:
     """A diffusers model tells its facts by its configs; a checkpoint by the host's record (its
-    base and prediction type) and the family's native size."""
-    if record.format.value == "diffusers":
-        return replace(inspect_model(path), name=record.name)
-    base = record.base.value
+    base) and the family's native size. The prediction type is always the record's: InvokeAI
+    generates with it, whatever the scheduler config says (see `_noise_scheduler`)."""
     prediction_type = record.prediction_type.value
+    if record.format.value == "diffusers":
+        return replace(inspect_model(path), name=record.name, prediction_type=prediction_type)
+    base = record.base.value
     native = {"sd-1": 512, "sd-2": 768 if prediction_type == "v_prediction" else 512}
     return ModelInfo(
         folder=None,
@@ -115,14 +118,13 @@ class HostModelSource:
                 f"InvokeAI cannot load {self.info.label}: {error}", option="model"
             ) from error
         freeze_parts(tokenizers, text_encoders, unet)
-        noise_scheduler = DDPMScheduler.from_config(scheduler.config)
         return ModelParts(
             self.info,
             dtype,
             tokenizers,
             text_encoders,
             unet,
-            noise_scheduler,
+            _noise_scheduler(scheduler.config, self.info),
             partial(self.load_vae, dtype),
         )
 
@@ -152,6 +154,27 @@ class HostModelSource:
         _, model = self._held.enter_context(loaded.model_on_device())
         self._held.callback(_restorer(model))  # runs before the unlock: the stack unwinds
         return model
+
+
+def _noise_scheduler(config: Any, info: ModelInfo) -> DDPMScheduler:
+    """The training noise schedule, predicting what InvokeAI's record says the model predicts.
+
+    InvokeAI generates with the record's prediction type, not the scheduler config's: a
+    checkpoint's config is its family's (diffusers gives every SD 2 file SD 2.1's v-prediction,
+    SD 2.1-base included, and SDXL base files epsilon, v-prediction finetunes included), and a
+    user corrects a wrong one in the model manager. Training on the other target would teach
+    the word for a model that InvokeAI does not run."""
+    configured = config.get("prediction_type", "epsilon")
+    if configured != info.prediction_type:
+        logger.warning(
+            "%s predicts %s by InvokeAI's model record (its scheduler config says %s); training "
+            "follows the record, as InvokeAI's generation does. If the record is wrong, change "
+            "its prediction type in InvokeAI's model manager",
+            info.label,
+            info.prediction_type,
+            configured,
+        )
+    return DDPMScheduler.from_config(config, prediction_type=info.prediction_type)
 
 
 def _restorer(root: torch.nn.Module) -> Callable[[], None]:

@@ -464,6 +464,7 @@ class TrainingRun:
                 "model": self.config.model,
                 "model_folder": str(self.parts.info.folder or ""),
                 "resolution": self.resolution,
+                "prediction_type": self.parts.noise_scheduler.config.prediction_type,
                 "steps": self.step,
                 "completed": completed,
                 "embedding": embedding_path.name,
