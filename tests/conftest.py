@@ -336,9 +336,21 @@ def fails_cleanly(
 class Server:
     """A running `invokeai-web`, spoken to over its REST API."""
 
-    def __init__(self, address: str, log_path: Path) -> None:
+    def __init__(self, address: str, log_path: Path, token: str | None = None) -> None:
         self.address = address
         self.log_path = log_path
+        self.token = token
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The headers that say who calls (a multiuser server's logged-in user), if anyone."""
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def login(self, email: str, password: str) -> Server:
+        """The same server, called as that user (multiuser mode)."""
+        body = {"email": email, "password": password}
+        token = self.call("POST", "/api/v1/auth/login", body)["token"]
+        return Server(self.address, self.log_path, token)
 
     def call(self, method: str, route: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -346,7 +358,7 @@ class Server:
             self.address + route,
             data=data,
             method=method,
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **self.auth},
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             payload = response.read()

@@ -77,6 +77,7 @@ def _board_with(server: Server, name: str, pictures: list[Path]) -> str:
                 f"{server.address}/api/v1/images/upload",
                 params={"image_category": "user", "is_intermediate": "false", "board_id": board_id},
                 files={"file": (picture.name, file, "image/png")},
+                headers=server.auth,
                 timeout=60,
             )
         response.raise_for_status()
@@ -213,6 +214,46 @@ def test_the_training_node_in_the_web_ui(
     assert neither["error_message"] == (
         "--board: choose the board whose pictures to train on (or give a train_data_dir)"
     )
+
+
+PASSWORD = "Textual-Inversion-7"
+
+
+def test_in_multiuser_mode_only_an_administrator_trains(
+    host_root: Path, object_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InvokeAI's multiuser mode lets only administrators add or replace models. Training
+    registers an embedding, replaces an earlier run of its trigger and reads server folders,
+    so a user's node fails in one line before anything is written; an administrator's runs."""
+    assert main(["install-nodes", f"--root={host_root}"]) == 0
+    monkeypatch.setenv("INVOKEAI_MULTIUSER", "true")
+    with running_server(host_root, tmp_path / "server.log", monkeypatch) as server:
+        account = {"email": "admin@example.com", "password": PASSWORD}
+        server.call("POST", "/api/v1/auth/setup", account)
+        admin = server.login("admin@example.com", PASSWORD)
+        account = {"email": "user@example.com", "password": PASSWORD}
+        admin.call("POST", "/api/v1/auth/users", account)
+        user = server.login("user@example.com", PASSWORD)
+        model = user.main_model("tiny-sd-1")
+        board_id = _board_with(user, "my ball", sorted(object_images.glob("*.png")))
+        refused = (
+            "training adds an embedding to InvokeAI's models, which in multiuser mode only an "
+            "administrator may do; ask an administrator to train it"
+        )
+        by_board = user.wait(_train(user, model, board_id))
+        others_images = str(host_root / "outputs" / "images")
+        by_folder = user.wait(_train(user, model, board_id, train_data_dir=others_images))
+        for item in (by_board, by_folder):
+            assert (item["status"], item["error_message"]) == ("failed", refused)
+        assert not (host_root / "text-inversion-training-data" / "board-ball").exists()
+        assert not (host_root / "text-inversion-output" / "board-ball").exists()
+        assert admin.embeddings() == {}
+        # an administrator passes: the board's own problem is what stops this one
+        empty = _board_with(admin, "empty", [])
+        failed = admin.wait(_train(admin, model, empty))
+        assert failed["error_message"] == (
+            "--board: board 'empty' holds no images; add 3-20 pictures of your subject to it"
+        )
 
 
 NODE_LABELS = [

@@ -175,8 +175,9 @@ class TrainTextualInversionInvocation(BaseInvocation):
 
     def invoke(self, context: InvocationContext) -> TrainTextualInversionOutput:
         services = ApiDependencies.invoker.services
-        models = HostModels.of_server(services)
         trigger = trigger_of(self.placeholder_token)
+        _require_administrator(context, services)
+        models = HostModels.of_server(services)
         # a trigger that cannot name a folder is the config's to report, before any export
         data_dir = None if name_problem(trigger) else self._training_folder(context, models.root)
         config = self.training_config(models.root, data_dir)
@@ -243,6 +244,21 @@ class TrainTextualInversionInvocation(BaseInvocation):
             trigger_of(self.placeholder_token),
             context.boards.get_dto(board_id).board_name,
             {name: context.images.get_path(name) for name in names},
+        )
+
+
+def _require_administrator(context: InvocationContext, services: InvocationServices) -> None:
+    """In multiuser mode InvokeAI lets only administrators add or replace models. Training
+    registers an embedding, replaces an earlier run (and embedding) of its trigger and reads
+    folders on the server, so it is theirs alone too: a user's node stops before it writes or
+    reads anything. The queue item's user is read as the host's own nodes read it."""
+    if not services.configuration.multiuser:
+        return
+    user = services.users.get(context._data.queue_item.user_id)
+    if user is None or not (user.is_active and user.is_admin):
+        raise UserInputError(
+            "training adds an embedding to InvokeAI's models, which in multiuser mode only an "
+            "administrator may do; ask an administrator to train it"
         )
 
 
