@@ -6,6 +6,7 @@ the library, and bad input failing only its own queue item."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,11 +19,12 @@ import numpy as np
 import pytest
 import requests
 import socketio
+import torch
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.board_images import EXPORT_MARKER
 
-from .conftest import Server, running_server
+from .conftest import Server, running_server, save_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -220,11 +222,17 @@ PASSWORD = "Textual-Inversion-7"
 
 
 def test_in_multiuser_mode_only_an_administrator_trains(
-    host_root: Path, object_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    host_root: Path,
+    object_images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """InvokeAI's multiuser mode lets only administrators add or replace models. Training
     registers an embedding, replaces an earlier run of its trigger and reads server folders,
-    so a user's node fails in one line before anything is written; an administrator's runs."""
+    so a user's node fails in one line before anything is written; an administrator's runs.
+    The command line (the server's own files) registers, and says the server's caches are
+    an administrator's to empty."""
     assert main(["install-nodes", f"--root={host_root}"]) == 0
     monkeypatch.setenv("INVOKEAI_MULTIUSER", "true")
     with running_server(host_root, tmp_path / "server.log", monkeypatch) as server:
@@ -254,6 +262,13 @@ def test_in_multiuser_mode_only_an_administrator_trains(
         assert failed["error_message"] == (
             "--board: board 'empty' holds no images; add 3-20 pictures of your subject to it"
         )
+
+        vectors = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
+        with caplog.at_level(logging.WARNING):
+            assert main(["import", str(vectors), "--name=shared-ball", f"--root={host_root}"]) == 0
+        assert "lets only a logged-in administrator empty its caches" in caplog.text
+        assert "refused" not in caplog.text
+        assert admin.embeddings() == {"shared-ball": "sd-1"}
 
 
 NODE_LABELS = [

@@ -47,6 +47,15 @@ def refresh_running_server(models: HostModels, timeout: float = 2.0) -> bool:
             with urllib.request.urlopen(request, timeout=timeout):
                 pass
         except urllib.error.HTTPError as error:
+            if error.code in (401, 403):  # multiuser mode: an administrator's login only
+                logger.warning(
+                    "InvokeAI at %s lets only a logged-in administrator empty its caches "
+                    "(multiuser mode): a replaced embedding keeps its old vectors there until "
+                    "the server restarts, or an administrator empties its model and invocation "
+                    "caches",
+                    address,
+                )
+                return True
             logger.warning("InvokeAI at %s refused %s %s (%s)", address, method, route, error.code)
         except (urllib.error.URLError, OSError):
             return False
