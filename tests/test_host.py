@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -248,6 +249,41 @@ def test_startup_registers_dropped_files_and_reports_the_rest(host_root: Path) -
         again = sync_embeddings(models)
     assert again.registered == [] and len(again.missing) == 1 and "<wide>" in again.missing[0]
     _no_unknown_records(host_root)
+
+
+def test_an_embedding_deleted_in_the_model_manager_stays_deleted(
+    host_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """InvokeAI's Delete leaves files outside ROOT/models/, so the start-up scan must not bring
+    the embeddings back; a file that arrives, or new content at a deleted one's path, is still
+    registered, and an import brings a deleted one back."""
+    folder = host_root / "embeddings"
+    imported = save_tensors(tmp_path / "kept.safetensors", {"emb_params": torch.randn(1, 768)})
+    assert main(["import", str(imported), "--name=kept-away", f"--root={host_root}"]) == 0
+    (folder / "dropped").mkdir(parents=True)
+    vectors = {"emb_params": torch.randn(1, 768)}
+    dropped = save_tensors(folder / "dropped" / "x.safetensors", vectors)
+    with open_host_models(host_root) as models:
+        assert sync_embeddings(models).registered == ["dropped"]
+        for record in host_records(host_root):
+            models.installer.delete(record.key)  # what the model manager's Delete button does
+    stored = folder / "kept-away" / "sd-1" / "learned_embeds.safetensors"
+    assert stored.is_file() and dropped.is_file() and host_records(host_root) == []
+
+    save_tensors(folder / "arrived.safetensors", {"emb_params": torch.randn(1, 768)})
+    with open_host_models(host_root) as models, caplog.at_level(logging.INFO):
+        report = sync_embeddings(models)
+    assert report.registered == ["arrived"]
+    assert sorted(report.deleted) == sorted([stored, dropped])
+    assert "not registering again embeddings deleted in InvokeAI's model manager" in caplog.text
+    assert {record.name for record in host_records(host_root)} == {"arrived"}
+
+    save_tensors(dropped, {"emb_params": torch.randn(1, 768)})  # new content: a new arrival
+    assert main(["import", str(stored), f"--root={host_root}"]) == 0
+    with open_host_models(host_root) as models:
+        assert sync_embeddings(models).registered == ["dropped"]
+    names = {record.name for record in host_records(host_root)}
+    assert names == {"arrived", "dropped", "kept-away"}
 
 
 def test_name_clash_with_another_embedding_is_refused(

@@ -2,7 +2,9 @@
 
 Runs inside the server with the server's own services. A file that fits no base, clashes with
 another embedding's name, or contradicts what it was trained for is reported in the host log
-once per start and never becomes a record; records whose files were deleted are reported.
+once per start and never becomes a record; records whose files were deleted are reported. An
+embedding deleted in InvokeAI's model manager (which leaves its file) stays deleted
+(`registered_files.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .embeddings import (
     register_embedding_file,
 )
 from .model_db import HostModels
+from .registered_files import RegisteredFiles
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class StartupReport:
     registered: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # one line per file, with the reason
     missing: list[str] = field(default_factory=list)  # records whose files are gone
+    deleted: list[Path] = field(default_factory=list)  # files whose records the user deleted
 
 
 def embedding_files(folder: Path) -> list[Path]:
@@ -74,14 +78,19 @@ def name_for(file: Path, folder: Path) -> str:
 def sync_embeddings(models: HostModels) -> StartupReport:
     report = StartupReport()
     folder = embeddings_folder(models.root)
+    earlier = RegisteredFiles(models.root)
     known = set()
     for record in embedding_records(models):
         path = models.absolute(record.path)
         known.add(path.resolve())
         if not path.exists():
             report.missing.append(f"<{record.name}> ({record.key}): {path}")
+        earlier.add(path)  # also those registered by hand or by earlier versions
     for file in embedding_files(folder):
         if file.resolve() in known:
+            continue
+        if earlier.was_registered(file):
+            report.deleted.append(file)
             continue
         name = name_for(file, folder)
         try:
@@ -89,13 +98,21 @@ def sync_embeddings(models: HostModels) -> StartupReport:
             _check_sidecar(file, name, vectors)
             register_embedding_file(models, file, name, vectors)
             known.add(file.resolve())  # a link to it is not registered a second time
+            earlier.add(file)
             report.registered.append(name)
         except UserInputError as error:
             report.refused.append(f"{file}: {error}")
+    earlier.save()
     for line in report.missing:
         logger.warning("embedding record whose file is gone: %s", line)
     for line in report.refused:
         logger.warning("embedding not registered: %s", line)
+    if report.deleted:
+        logger.info(
+            "not registering again embeddings deleted in InvokeAI's model manager (it leaves "
+            "their files; delete those, or `invokeai-ti import` one to bring it back): %s",
+            ", ".join(str(file) for file in report.deleted),
+        )
     if report.registered:
         logger.info("registered embeddings found in %s: %s", folder, ", ".join(report.registered))
     return report

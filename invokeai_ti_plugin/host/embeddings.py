@@ -24,6 +24,7 @@ from ..training.embedding_file import (
 )
 from ..training.run_folder import SUMMARY_FILENAME
 from .model_db import HostModels
+from .registered_files import note_registered
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def _register(
             f"InvokeAI read {target} as a {record.base.value} {record.type.value} model instead "
             f"of a {base} embedding; it was not registered"
         )
+    note_registered(models.root, target)
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
 

@@ -1,0 +1,79 @@
+"""Which files in ROOT/embeddings/ have been InvokeAI embeddings, and with what content.
+
+InvokeAI's model manager deletes a model's files only inside ROOT/models/; for an embedding in
+ROOT/embeddings/ its Delete button only removes the record. The start-up scan, which registers
+files that arrived while InvokeAI was down, would then bring every deleted embedding back at the
+next start. This list tells the two apart: a file listed with the content it has now was an
+embedding the user deleted, and stays unregistered; a new file, or new content at a listed
+path, arrived and is registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..atomic_files import write_json_atomically
+from ..config import embeddings_folder
+
+LIST_FILENAME = ".invokeai-ti-registered.json"  # hidden: the scan skips it
+
+
+def _fingerprint(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+class RegisteredFiles:
+    """The list in ROOT/embeddings/, read once; `save` writes it back if it changed. A list
+    that is missing or unreadable counts as empty: at worst a deleted embedding comes back, as
+    it did before the list existed."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = embeddings_folder(root)
+        self.path = self.folder / LIST_FILENAME
+        try:
+            entries = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = {}
+        valid = isinstance(entries, dict)
+        self._entries: dict[str, str] = {
+            key: value
+            for key, value in (entries.items() if valid else ())
+            if isinstance(key, str) and isinstance(value, str)
+        }
+        self._saved = dict(self._entries)
+
+    def _key(self, file: Path) -> str | None:
+        """The file's path inside ROOT/embeddings/ (None for a file elsewhere)."""
+        try:
+            return file.resolve().relative_to(self.folder.resolve()).as_posix()
+        except ValueError:
+            return None
+
+    def add(self, file: Path) -> None:
+        """`file` is (now) an embedding InvokeAI knows, with the content it has now."""
+        key = self._key(file)
+        if key is not None and file.is_file():
+            self._entries[key] = _fingerprint(file)
+
+    def was_registered(self, file: Path) -> bool:
+        """`file`, with its present content, was registered before (its record since deleted)."""
+        key = self._key(file)
+        return key in self._entries and self._entries[key] == _fingerprint(file)
+
+    def save(self) -> None:
+        """Write the list back, without the files that are gone, if anything changed."""
+        self._entries = {
+            key: value for key, value in self._entries.items() if (self.folder / key).is_file()
+        }
+        if self._entries != self._saved and self.folder.is_dir():
+            write_json_atomically(self.path, dict(sorted(self._entries.items())))
+            self._saved = dict(self._entries)
+
+
+def note_registered(root: Path, file: Path) -> None:
+    """Add one just-registered file to the list of ROOT's embeddings."""
+    registered = RegisteredFiles(root)
+    registered.add(file)
+    registered.save()
