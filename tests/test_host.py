@@ -18,6 +18,7 @@ from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
+from invokeai_ti_plugin.host.registered_files import LIST_FILENAME
 
 from .conftest import COMMAND, DIMENSION_MISMATCH, host_cli_args, host_records, save_tensors
 
@@ -284,6 +285,20 @@ def test_an_embedding_deleted_in_the_model_manager_stays_deleted(
         assert sync_embeddings(models).registered == ["dropped"]
     names = {record.name for record in host_records(host_root)}
     assert names == {"arrived", "dropped", "kept-away"}
+
+
+def test_a_list_of_embeddings_that_cannot_be_written_stops_nothing(
+    host_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The list that keeps deletions deleted is best effort: the embedding is registered."""
+    (host_root / "embeddings" / LIST_FILENAME).mkdir(parents=True)  # cannot become a file
+    vectors = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    with caplog.at_level(logging.WARNING):
+        assert main(["import", str(vectors), "--name=listless", f"--root={host_root}"]) == 0
+    assert [record.name for record in host_records(host_root)] == ["listless"]
+    assert "an embedding deleted in InvokeAI's model manager may be registered again" in (
+        caplog.text
+    )
 
 
 def test_name_clash_with_another_embedding_is_refused(

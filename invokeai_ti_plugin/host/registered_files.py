@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from ..atomic_files import write_json_atomically
 from ..config import embeddings_folder
+from ..errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 LIST_FILENAME = ".invokeai-ti-registered.json"  # hidden: the scan skips it
 
@@ -63,13 +67,25 @@ class RegisteredFiles:
         return key in self._entries and self._entries[key] == _fingerprint(file)
 
     def save(self) -> None:
-        """Write the list back, without the files that are gone, if anything changed."""
+        """Write the list back, without the files that are gone, if anything changed. Best
+        effort: the embeddings are registered either way, and a list that cannot be written
+        (a full disk, no permission) only lets a deletion be undone at the next start."""
         self._entries = {
             key: value for key, value in self._entries.items() if (self.folder / key).is_file()
         }
-        if self._entries != self._saved and self.folder.is_dir():
+        if self._entries == self._saved or not self.folder.is_dir():
+            return
+        try:
             write_json_atomically(self.path, dict(sorted(self._entries.items())))
-            self._saved = dict(self._entries)
+        except (OSError, UserInputError) as error:
+            logger.warning(
+                "could not write %s (%s): an embedding deleted in InvokeAI's model manager may "
+                "be registered again at its next start",
+                self.path,
+                error,
+            )
+            return
+        self._saved = dict(self._entries)
 
 
 def note_registered(root: Path, file: Path) -> None:
