@@ -189,7 +189,7 @@ def install_nodes_main(argv: Sequence[str]) -> int:
     from .host.node_pack import install_node_pack, node_pack_folder
 
     root = args.root or find_root()
-    written = install_node_pack(root)
+    written = install_node_pack(root, again=True)
     print(f"{'Installed' if written else 'Already installed'}: {node_pack_folder(root)}")
     return 0
 

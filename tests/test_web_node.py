@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from invokeai_ti_plugin.cli import install_nodes_main
 from invokeai_ti_plugin.errors import UserInputError
 from invokeai_ti_plugin.host.board_images import EXPORT_MARKER, export_board
 from invokeai_ti_plugin.host.node_pack import (
@@ -135,6 +138,25 @@ def test_an_old_loader_is_replaced_by_the_new_one(tmp_path: Path) -> None:
     assert install_node_pack(tmp_path)
     assert pack.read_text() == NODE_PACK_SOURCE
     assert not install_node_pack(tmp_path)  # the same text is left alone
+
+
+def test_a_node_pack_the_user_removed_stays_removed_until_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training and the launcher install the pack once; InvokeAI's Custom Nodes tab uninstalls
+    it by deleting its folder, and then only `invokeai-ti install-nodes` brings it back."""
+    folder = node_pack_folder(tmp_path)
+    folder.mkdir(parents=True)  # installed by a version that left no trace of it
+    (folder / "__init__.py").write_text(NODE_PACK_SOURCE)
+    assert not install_node_pack(tmp_path)  # as it is
+    shutil.rmtree(folder)  # what the Custom Nodes tab's uninstall does
+    with caplog.at_level(logging.INFO):
+        assert not install_node_pack(tmp_path)
+    assert not folder.exists()
+    assert "the node pack was removed from" in caplog.text
+    assert install_nodes_main([f"--root={tmp_path}"]) == 0
+    assert (folder / "__init__.py").read_text() == NODE_PACK_SOURCE
+    assert [path.name for path in folder.parent.iterdir() if path.is_dir()] == [folder.name]
 
 
 def test_the_launcher_reads_any_plugins_menu_pairs(fake_plugins: Path) -> None:
