@@ -16,7 +16,12 @@ from pathlib import Path
 from .config import TrainingConfig
 from .errors import UserInputError
 from .host.app_config import is_host_root
-from .host.embeddings import RegisteredEmbedding, check_fits_model, install_embedding
+from .host.embeddings import (
+    RegisteredEmbedding,
+    check_fits_model,
+    install_embedding,
+    set_cover_image,
+)
 from .host.installed_models import InstalledModel, find_installed_model
 from .host.model_db import HostModels, open_host_models
 from .host.model_loading import host_model_source, standalone_model_loader
@@ -26,6 +31,7 @@ from .training.bases import TOKEN_DIMS
 from .training.embedding_file import read_embedding_vectors
 from .training.model_files import ModelSource, inspect_model
 from .training.reports import ProgressCallback, TrainingResult
+from .training.samples import first_sample, runs_last_grid
 from .training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -155,9 +161,12 @@ def register_trained_embedding(
     vectors = read_embedding_vectors(result.embedding_path)
     check_fits_model(result.trigger, vectors, result.model.token_dim)
     facts = json.loads(result.summary_path.read_text())
+    grid = runs_last_grid(result.summary_path.parent, facts["options"]["num_validation_images"])
     with _models_of(root, server) as models:
         install_node_pack(models.root)
         registered = install_embedding(models, result.trigger, vectors, facts)
+        if grid is not None:  # what the word draws, beside its name in the model manager
+            set_cover_image(models, registered.key, first_sample(grid, facts["resolution"]))
         if server is None:
             refresh_running_server(models)
     return registered

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
@@ -94,6 +96,39 @@ def test_retraining_the_same_trigger_updates_it(host_root: Path, object_images: 
     (record,) = host_records(host_root)
     assert record.name == "striped-ball" and target.read_bytes() != first
     _no_unknown_records(host_root)
+
+
+def _cover(root: Path, key: str) -> Path:
+    """Where InvokeAI's model manager keeps a model's cover image."""
+    return root / "models" / "model_images" / f"{key}.webp"
+
+
+@pytest.mark.slow
+def test_the_model_manager_shows_what_the_word_draws(host_root: Path, object_images: Path) -> None:
+    """The run's first sample is the embedding's cover image in InvokeAI's model manager; a
+    retrained embedding gets its new run's, or keeps the old one when the run drew none."""
+    samples = ["--num_validation_images=2", "--validation_steps=0"]
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *samples)) == 0
+    (first,) = host_records(host_root)
+    (grid,) = (host_root / "text-inversion-output" / "striped-ball" / "samples").iterdir()
+    with Image.open(grid) as drawn, Image.open(_cover(host_root, first.key)) as cover:
+        assert cover.size == (64, 64)  # the host's (lossy) thumbnail of it, at most 256 px
+        pixels = np.asarray(cover.convert("RGB"), dtype=float)
+        tiles = [drawn.convert("RGB").crop((x, 0, x + 64, 64)) for x in (0, 64)]
+        off = [np.abs(pixels - np.asarray(tile, dtype=float)).mean() for tile in tiles]
+        assert off[0] < off[1] / 2, off  # the first sample, not the second
+    first_cover = _cover(host_root, first.key).read_bytes()
+
+    again = [*samples, "--overwrite", "--seed=9"]
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *again)) == 0
+    (second,) = host_records(host_root)
+    assert not _cover(host_root, first.key).exists()  # no image of no record left behind
+    assert _cover(host_root, second.key).read_bytes() != first_cover
+
+    plain = ["--num_validation_images=0", "--overwrite"]
+    assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *plain)) == 0
+    (third,) = host_records(host_root)
+    assert _cover(host_root, third.key).is_file() and not _cover(host_root, second.key).exists()
 
 
 def test_a_model_name_that_is_not_installed(

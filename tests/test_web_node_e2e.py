@@ -169,6 +169,11 @@ def test_the_training_node_in_the_web_ui(
         assert steps == list(range(1, STEPS + 1))
         assert json.loads((out / "embedding.json").read_text())["steps"] == STEPS
         assert server.embeddings() == {"board-ball": "sd-1"}
+        # the model manager shows the embedding with its first sample as cover image
+        listed = server.call("GET", "/api/v2/models/?model_type=embedding")["models"]
+        (cover_url,) = [model["cover_image"] for model in listed if model["name"] == "board-ball"]
+        cover = server.call("GET", "/" + cover_url.removeprefix(server.address).lstrip("/"))
+        assert cover[:4] == b"RIFF" and cover[8:12] == b"WEBP"
         # the training's own events (InvokeAI adds "Saving image" for the gallery copy)
         events = [e for e in progress.of(second) if e["message"].startswith("Training")]
         assert events[-1]["percentage"] == 1.0

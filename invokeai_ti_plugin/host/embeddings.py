@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from ..atomic_files import write_json_atomically
 from ..config import embeddings_folder, name_problem
 from ..errors import UserInputError
@@ -144,9 +146,43 @@ def _register(
             f"InvokeAI read {target} as a {record.base.value} {record.type.value} model instead "
             f"of a {base} embedding; it was not registered"
         )
+    for record in previous:
+        _move_cover_image(models, record.key, key)
     note_registered(models.root, target)
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
+
+
+def set_cover_image(models: HostModels, key: str, image: Image.Image) -> None:
+    """The picture InvokeAI's model manager shows for the embedding (the host makes the
+    thumbnail). Best effort: the embedding is registered either way."""
+    from invokeai.app.services.model_images.model_images_common import (
+        ModelImageFileSaveException,
+    )
+
+    try:
+        models.images.save(image, key)
+    except ModelImageFileSaveException as error:  # the host's wrapper of every failure
+        logger.warning(
+            "InvokeAI's model manager gets no cover image for the embedding: %s", error.__cause__
+        )
+
+
+def _move_cover_image(models: HostModels, old_key: str, new_key: str) -> None:
+    """A replaced record's cover image goes to its replacement, as the host's own model
+    conversion moves it, instead of staying behind as a file of no record."""
+    from invokeai.app.services.model_images.model_images_common import (
+        ModelImageFileDeleteException,
+        ModelImageFileNotFoundException,
+    )
+
+    try:
+        with models.images.get(old_key) as image:
+            image.load()
+            set_cover_image(models, new_key, image)
+        models.images.delete(old_key)
+    except (ModelImageFileNotFoundException, ModelImageFileDeleteException, OSError):
+        return  # none, or unreadable: the replacement has no cover until a run gives it one
 
 
 def _records_replaced_by(

@@ -18,17 +18,20 @@ from .app_config import use_root
 if TYPE_CHECKING:
     from invokeai.app.services.config.config_default import InvokeAIAppConfig
     from invokeai.app.services.invocation_services import InvocationServices
+    from invokeai.app.services.model_images.model_images_base import ModelImageFileStorageBase
     from invokeai.app.services.model_install.model_install_base import ModelInstallServiceBase
     from invokeai.app.services.model_records.model_records_base import ModelRecordServiceBase
 
 
 @dataclass(frozen=True)
 class HostModels:
-    """The host's view of its models: configuration, records, and the installer that probes."""
+    """The host's view of its models: configuration, records, the installer that probes, and
+    the cover images its model manager shows."""
 
     config: InvokeAIAppConfig
     store: ModelRecordServiceBase
     installer: ModelInstallServiceBase
+    images: ModelImageFileStorageBase
 
     @property
     def root(self) -> Path:
@@ -43,7 +46,7 @@ class HostModels:
     def of_server(cls, services: InvocationServices) -> HostModels:
         """A running server's own instances: inside it, nothing opens a second writer."""
         manager = services.model_manager
-        return cls(services.configuration, manager.store, manager.install)
+        return cls(services.configuration, manager.store, manager.install, services.model_images)
 
 
 @contextmanager
@@ -56,6 +59,9 @@ def open_host_models(root: Path) -> Iterator[HostModels]:
     config = use_root(root)
     from invokeai.app.services.download.download_default import DownloadQueueService
     from invokeai.app.services.image_files.image_files_disk import DiskImageFileStorage
+    from invokeai.app.services.model_images.model_images_default import (
+        ModelImageFileStorageDisk,
+    )
     from invokeai.app.services.model_install.model_install_default import ModelInstallService
     from invokeai.app.services.model_records.model_records_sql import ModelRecordServiceSQL
     from invokeai.app.services.shared.sqlite.sqlite_util import init_db
@@ -74,4 +80,5 @@ def open_host_models(root: Path) -> Iterator[HostModels]:
         record_store=store,
         download_queue=DownloadQueueService(app_config=config),
     )
-    yield HostModels(config, store, installer)
+    images = ModelImageFileStorageDisk(Path(config.models_path) / "model_images")  # as the host
+    yield HostModels(config, store, installer, images)

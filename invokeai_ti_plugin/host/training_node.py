@@ -55,6 +55,7 @@ from ..job import run_job
 from ..training.model_files import ModelSource
 from ..training.reports import ProgressUpdate
 from ..training.run_folder import RunFolder
+from ..training.samples import runs_last_grid
 from ..training.trainer import Trainer
 from .board_images import export_board
 from .embeddings import embedding_records
@@ -267,8 +268,8 @@ def _gallery_copy(context: InvocationContext, config: TrainingConfig) -> ImageFi
     user looks for pictures. Never to the training board (the node is no `WithBoard`), where
     it would join the next run's training set. None when this run drew no samples (an older
     grid in the folder is not this run's)."""
-    grid = RunFolder(config.out_dir).newest_sample()
-    if grid is None or not config.num_validation_images:
+    grid = runs_last_grid(config.out_dir, config.num_validation_images)
+    if grid is None:
         return None
     with Image.open(grid) as image:
         saved = context.images.save(image=image.convert("RGB"))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..atomic_files import write_atomically
 from .model_files import ModelParts
+from .run_folder import RunFolder
 
 INFERENCE_STEPS = 20
 
@@ -84,3 +85,15 @@ def save_grid(images: list[Image.Image], path: Path) -> None:
     for index, image in enumerate(images):
         grid.paste(image, ((index % columns) * width, (index // columns) * height))
     write_atomically(path, lambda temp: grid.save(temp, format="PNG"))
+
+
+def runs_last_grid(out_dir: Path, num_validation_images: int) -> Path | None:
+    """The newest sample grid in a run's folder, if the run drew grids at all (an older grid
+    left there by an earlier run is not this run's)."""
+    return RunFolder(out_dir).newest_sample() if num_validation_images else None
+
+
+def first_sample(grid: Path, resolution: int) -> Image.Image:
+    """The grid's first image, a square of the run's resolution at its top left."""
+    with Image.open(grid) as image:
+        return image.convert("RGB").crop((0, 0, resolution, resolution))
