@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from PIL import Image
 
 from .config import TrainingConfig
 from .errors import UserInputError
@@ -20,6 +23,7 @@ from .host.embeddings import (
     RegisteredEmbedding,
     check_fits_model,
     install_embedding,
+    relate_models,
     set_cover_image,
 )
 from .host.installed_models import InstalledModel, find_installed_model
@@ -161,12 +165,27 @@ def register_trained_embedding(
     vectors = read_embedding_vectors(result.embedding_path)
     check_fits_model(result.trigger, vectors, result.model.token_dim)
     facts = json.loads(result.summary_path.read_text())
-    grid = runs_last_grid(result.summary_path.parent, facts["options"]["num_validation_images"])
+    cover = _cover_image(result.summary_path.parent, facts)
     with _models_of(root, server) as models:
         install_node_pack(models.root)
         registered = install_embedding(models, result.trigger, vectors, facts)
-        if grid is not None:  # what the word draws, beside its name in the model manager
-            set_cover_image(models, registered.key, first_sample(grid, facts["resolution"]))
+        if cover is not None:  # what the word draws, beside its name in the model manager
+            set_cover_image(models, registered.key, cover)
+        if result.model.host_key is not None:
+            relate_models(models, registered.key, result.model.host_key)
         if server is None:
             refresh_running_server(models)
     return registered
+
+
+def _cover_image(out_dir: Path, facts: dict[str, Any]) -> Image.Image | None:
+    """The run's first sample, read before anything is registered; None when the run drew
+    none or its grid cannot be read (the embedding is registered without a picture)."""
+    grid = runs_last_grid(out_dir, facts["options"]["num_validation_images"])
+    if grid is None:
+        return None
+    try:
+        return first_sample(grid, facts["resolution"])
+    except OSError as error:
+        logger.warning("no cover image for the model manager: cannot read %s (%s)", grid, error)
+        return None

@@ -18,6 +18,7 @@ from PIL import Image
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
+from invokeai_ti_plugin.host.installed_models import find_installed_model
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
 from invokeai_ti_plugin.host.registered_files import LIST_FILENAME
@@ -103,13 +104,27 @@ def _cover(root: Path, key: str) -> Path:
     return root / "models" / "model_images" / f"{key}.webp"
 
 
+def _related(root: Path, key: str) -> set[str]:
+    with open_host_models(root) as models:
+        return set(models.relationships.get_related_model_keys(key))
+
+
 @pytest.mark.slow
-def test_the_model_manager_shows_what_the_word_draws(host_root: Path, object_images: Path) -> None:
-    """The run's first sample is the embedding's cover image in InvokeAI's model manager; a
-    retrained embedding gets its new run's, or keeps the old one when the run drew none."""
+def test_the_model_manager_shows_the_words_picture_and_model(
+    host_root: Path, object_images: Path
+) -> None:
+    """The run's first sample is the embedding's cover image in InvokeAI's model manager, and
+    it is related to the model it was trained on (the embedding picker's "related" filter); a
+    retrained embedding gets its new run's picture, or keeps the old one when the run drew
+    none, and keeps the relationships the user added."""
     samples = ["--num_validation_images=2", "--validation_steps=0"]
     assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *samples)) == 0
     (first,) = host_records(host_root)
+    with open_host_models(host_root) as models:
+        (sd1,) = find_installed_model(models, "tiny-sd-1")
+        (sd2,) = find_installed_model(models, "tiny-sd-2")
+        assert set(models.relationships.get_related_model_keys(first.key)) == {sd1.key}
+        models.relationships.add_model_relationship(first.key, sd2.key)  # by the user
     (grid,) = (host_root / "text-inversion-output" / "striped-ball" / "samples").iterdir()
     with Image.open(grid) as drawn, Image.open(_cover(host_root, first.key)) as cover:
         assert cover.size == (64, 64)  # the host's (lossy) thumbnail of it, at most 256 px
@@ -124,6 +139,8 @@ def test_the_model_manager_shows_what_the_word_draws(host_root: Path, object_ima
     (second,) = host_records(host_root)
     assert not _cover(host_root, first.key).exists()  # no image of no record left behind
     assert _cover(host_root, second.key).read_bytes() != first_cover
+    assert _related(host_root, second.key) == {sd1.key, sd2.key}
+    assert _related(host_root, sd1.key) == {second.key}  # none of a record that is gone
 
     plain = ["--num_validation_images=0", "--overwrite"]
     assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *plain)) == 0

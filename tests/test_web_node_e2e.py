@@ -174,6 +174,10 @@ def test_the_training_node_in_the_web_ui(
         (cover_url,) = [model["cover_image"] for model in listed if model["name"] == "board-ball"]
         cover = server.call("GET", "/" + cover_url.removeprefix(server.address).lstrip("/"))
         assert cover[:4] == b"RIFF" and cover[8:12] == b"WEBP"
+        # and related to the model it was trained on, for the pickers' "related" filter
+        embedding_key = result["embedding"]["key"]
+        related = server.call("GET", f"/api/v1/model_relationships/i/{embedding_key}")
+        assert related == [model["key"]]
         # the training's own events (InvokeAI adds "Saving image" for the gallery copy)
         events = [e for e in progress.of(second) if e["message"].startswith("Training")]
         assert events[-1]["percentage"] == 1.0

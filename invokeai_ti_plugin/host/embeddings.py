@@ -134,6 +134,11 @@ def _register(
     """Replace `previous` by a record of `target`, checking what the host's probe made of it."""
     from invokeai.app.services.model_records import ModelRecordChanges
 
+    # read first: unregistering a record deletes its relationships with it
+    replaced = {record.key for record in previous}
+    related = {
+        other for old in replaced for other in models.relationships.get_related_model_keys(old)
+    } - replaced
     for record in previous:
         models.installer.unregister(record.key)
     key = models.installer.register_path(
@@ -148,9 +153,18 @@ def _register(
         )
     for record in previous:
         _move_cover_image(models, record.key, key)
+    for other_key in sorted(related):
+        relate_models(models, key, other_key)
     note_registered(models.root, target)
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
+
+
+def relate_models(models: HostModels, key: str, other_key: str) -> None:
+    """Mark two models related in InvokeAI, as its model manager does: a trained embedding and
+    the model it was trained on, so the prompt's embedding picker can offer it first."""
+    if key != other_key:
+        models.relationships.add_model_relationship(key, other_key)
 
 
 def set_cover_image(models: HostModels, key: str, image: Image.Image) -> None:

@@ -21,17 +21,22 @@ if TYPE_CHECKING:
     from invokeai.app.services.model_images.model_images_base import ModelImageFileStorageBase
     from invokeai.app.services.model_install.model_install_base import ModelInstallServiceBase
     from invokeai.app.services.model_records.model_records_base import ModelRecordServiceBase
+    from invokeai.app.services.model_relationship_records.model_relationship_records_base import (
+        ModelRelationshipRecordStorageBase,
+    )
 
 
 @dataclass(frozen=True)
 class HostModels:
-    """The host's view of its models: configuration, records, the installer that probes, and
-    the cover images its model manager shows."""
+    """The host's view of its models: configuration, records, the installer that probes, the
+    cover images its model manager shows, and which models are related (its pickers can show
+    only the embeddings related to the main model in use)."""
 
     config: InvokeAIAppConfig
     store: ModelRecordServiceBase
     installer: ModelInstallServiceBase
     images: ModelImageFileStorageBase
+    relationships: ModelRelationshipRecordStorageBase
 
     @property
     def root(self) -> Path:
@@ -46,7 +51,13 @@ class HostModels:
     def of_server(cls, services: InvocationServices) -> HostModels:
         """A running server's own instances: inside it, nothing opens a second writer."""
         manager = services.model_manager
-        return cls(services.configuration, manager.store, manager.install, services.model_images)
+        return cls(
+            services.configuration,
+            manager.store,
+            manager.install,
+            services.model_images,
+            services.model_relationship_records,
+        )
 
 
 @contextmanager
@@ -64,6 +75,9 @@ def open_host_models(root: Path) -> Iterator[HostModels]:
     )
     from invokeai.app.services.model_install.model_install_default import ModelInstallService
     from invokeai.app.services.model_records.model_records_sql import ModelRecordServiceSQL
+    from invokeai.app.services.model_relationship_records.model_relationship_records_sqlite import (
+        SqliteModelRelationshipRecordStorage,
+    )
     from invokeai.app.services.shared.sqlite.sqlite_util import init_db
     from invokeai.backend.util.logging import InvokeAILogger
 
@@ -81,4 +95,5 @@ def open_host_models(root: Path) -> Iterator[HostModels]:
         download_queue=DownloadQueueService(app_config=config),
     )
     images = ModelImageFileStorageDisk(Path(config.models_path) / "model_images")  # as the host
-    yield HostModels(config, store, installer, images)
+    relationships = SqliteModelRelationshipRecordStorage(db=db)
+    yield HostModels(config, store, installer, images, relationships)

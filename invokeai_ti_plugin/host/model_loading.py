@@ -76,7 +76,12 @@ def _record_info(record: AnyModelConfig, path: Path) -> ModelInfo:
     generates with it, whatever the scheduler config says (see `_noise_scheduler`)."""
     prediction_type = record.prediction_type.value
     if record.format.value == "diffusers":
-        return replace(inspect_model(path), name=record.name, prediction_type=prediction_type)
+        return replace(
+            inspect_model(path),
+            name=record.name,
+            prediction_type=prediction_type,
+            host_key=record.key,
+        )
     base = record.base.value
     native = {"sd-1": 512, "sd-2": 768 if prediction_type == "v_prediction" else 512}
     return ModelInfo(
@@ -86,6 +91,7 @@ def _record_info(record: AnyModelConfig, path: Path) -> ModelInfo:
         native_resolution=native.get(base, 1024),
         prediction_type=prediction_type,
         name=record.name,
+        host_key=record.key,
     )
 
 

@@ -34,6 +34,7 @@ class ModelInfo:
     native_resolution: int
     prediction_type: str
     name: str = ""  # how messages name it; "" for the folder's path
+    host_key: str | None = None  # InvokeAI's key of the model, when InvokeAI loads it
 
     @property
     def label(self) -> str:
