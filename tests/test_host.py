@@ -18,6 +18,7 @@ from PIL import Image
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
+from invokeai_ti_plugin.host.embeddings import relate_models
 from invokeai_ti_plugin.host.installed_models import find_installed_model
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
@@ -146,6 +147,19 @@ def test_the_model_manager_shows_the_words_picture_and_model(
     assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *plain)) == 0
     (third,) = host_records(host_root)
     assert _cover(host_root, third.key).is_file() and not _cover(host_root, second.key).exists()
+
+
+def test_a_relationship_to_a_model_deleted_meanwhile_stops_nothing(
+    host_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The model trained on may be deleted while training runs: registering still ends well."""
+    vectors = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    assert main(["import", str(vectors), "--name=ball", f"--root={host_root}"]) == 0
+    (record,) = host_records(host_root)
+    with open_host_models(host_root) as models, caplog.at_level(logging.WARNING):
+        relate_models(models, record.key, "a-deleted-model")
+    assert "not related to model a-deleted-model in InvokeAI" in caplog.text
+    assert _related(host_root, record.key) == set()
 
 
 def test_a_model_name_that_is_not_installed(

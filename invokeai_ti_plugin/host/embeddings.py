@@ -10,6 +10,7 @@ the host's probe made of the file, and leaves no record behind when anything is 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,9 +163,15 @@ def _register(
 
 def relate_models(models: HostModels, key: str, other_key: str) -> None:
     """Mark two models related in InvokeAI, as its model manager does: a trained embedding and
-    the model it was trained on, so the prompt's embedding picker can offer it first."""
-    if key != other_key:
+    the model it was trained on, so the prompt's embedding picker can offer it first. Best
+    effort: the other may have been deleted meanwhile (the database refuses a relationship to
+    no record), and the embedding is registered either way."""
+    if key == other_key:
+        return
+    try:
         models.relationships.add_model_relationship(key, other_key)
+    except sqlite3.IntegrityError:
+        logger.warning("not related to model %s in InvokeAI: it is no longer installed", other_key)
 
 
 def set_cover_image(models: HostModels, key: str, image: Image.Image) -> None:
