@@ -121,6 +121,7 @@ def test_the_model_manager_shows_the_words_picture_and_model(
     samples = ["--num_validation_images=2", "--validation_steps=0"]
     assert main(host_cli_args(host_root, object_images, "tiny-sd-1", *samples)) == 0
     (first,) = host_records(host_root)
+    assert first.description == "textual inversion <striped-ball>, trained on tiny-sd-1 for 2 steps"
     with open_host_models(host_root) as models:
         (sd1,) = find_installed_model(models, "tiny-sd-1")
         (sd2,) = find_installed_model(models, "tiny-sd-2")
@@ -156,6 +157,7 @@ def test_a_relationship_to_a_model_deleted_meanwhile_stops_nothing(
     vectors = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
     assert main(["import", str(vectors), "--name=ball", f"--root={host_root}"]) == 0
     (record,) = host_records(host_root)
+    assert record.description == "textual inversion <ball>, imported from ball.safetensors"
     with open_host_models(host_root) as models, caplog.at_level(logging.WARNING):
         relate_models(models, record.key, "a-deleted-model")
     assert "not related to model a-deleted-model in InvokeAI" in caplog.text

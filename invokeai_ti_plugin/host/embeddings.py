@@ -97,7 +97,8 @@ def register_embedding_file(
             f"`invokeai-ti import {file}`, which stores a corrected copy"
         )
     target = file.resolve()
-    return _register(models, target, name, base, _records_replaced_by(models, name, base, target))
+    previous = _records_replaced_by(models, name, base, target)
+    return _register(models, target, name, base, previous, f"textual inversion <{name}>")
 
 
 def install_embedding(
@@ -118,7 +119,9 @@ def install_embedding(
     metadata = {"name": name, "base": base, "token_dimension": str(vectors.token_dim)}
     save_vectors(target, vectors, metadata)
     write_json_atomically(folder / SUMMARY_FILENAME, {**facts, **metadata})
-    registered = _register(models, target.resolve(), name, base, previous)
+    registered = _register(
+        models, target.resolve(), name, base, previous, _description(name, facts)
+    )
     if any(models.absolute(record.path).resolve() == legacy.resolve() for record in previous):
         legacy.unlink(missing_ok=True)
         (legacy.parent / SUMMARY_FILENAME).unlink(missing_ok=True)
@@ -131,6 +134,7 @@ def _register(
     name: str,
     base: str,
     previous: list,  # type: ignore[type-arg]
+    description: str,
 ) -> RegisteredEmbedding:
     """Replace `previous` by a record of `target`, checking what the host's probe made of it."""
     from invokeai.app.services.model_records import ModelRecordChanges
@@ -143,7 +147,7 @@ def _register(
     for record in previous:
         models.installer.unregister(record.key)
     key = models.installer.register_path(
-        target, ModelRecordChanges(name=name, description=f"textual inversion <{name}>")
+        target, ModelRecordChanges(name=name, description=description)
     )
     record = models.store.get_model(key)
     if record.type.value != "embedding" or record.base.value != base:
@@ -159,6 +163,16 @@ def _register(
     note_registered(models.root, target)
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
+
+
+def _description(name: str, facts: dict[str, object]) -> str:
+    """What the model manager says of the embedding: what it was trained on, or imported from."""
+    if "steps" in facts and "model" in facts:
+        model = Path(str(facts["model"])).name  # a folder's name, or the installed model's
+        return f"textual inversion <{name}>, trained on {model} for {facts['steps']} steps"
+    if "imported_from" in facts:
+        return f"textual inversion <{name}>, imported from {Path(str(facts['imported_from'])).name}"
+    return f"textual inversion <{name}>"
 
 
 def relate_models(models: HostModels, key: str, other_key: str) -> None:
