@@ -122,18 +122,22 @@ def import_main(argv: Sequence[str]) -> int:
         "sources", type=Path, nargs="+", metavar="source", help="embedding files or folders"
     )
     parser.add_argument("--name", help="the prompt name (<name>); default: the file's token")
-    parser.add_argument("--model", help="check the embedding fits this model (name, key, folder)")
+    parser.add_argument(
+        "--model",
+        help="check the embedding fits this model (name, key, folder); an installed one is "
+        "also noted as the embedding's related model in InvokeAI",
+    )
     parser.add_argument("--root", type=Path, help="the InvokeAI root (default: InvokeAI's rule)")
     args = parser.parse_args(argv)
     setup_logging()
 
     def run() -> int:
         from .host.importing import import_embeddings
-        from .job import model_token_dim
+        from .job import import_target
 
         root = args.root or find_root()
-        model_dim = model_token_dim(args.model, root) if args.model else None
-        report = import_embeddings(root, args.sources, args.name, model_dim)
+        model_dim, model_key = import_target(args.model, root) if args.model else (None, None)
+        report = import_embeddings(root, args.sources, args.name, model_dim, model_key)
         for what in report.skipped:
             print(f"skipped {what}")
         for registered, origin in report.registered:

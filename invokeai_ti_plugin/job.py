@@ -97,13 +97,15 @@ def resolve_model(
     return model
 
 
-def model_token_dim(model_name: str, root: Path) -> int:
-    """The token width an embedding must have to fit `--model` (to check an import against
-    it): a folder's from its configs, an installed model's (any format) from its base."""
+def import_target(model_name: str, root: Path) -> tuple[int, str | None]:
+    """What an import's `--model` means: the token width an embedding must have to fit it (a
+    folder's from its configs, an installed model's, of any format, from its base), and the
+    installed model's InvokeAI key, which the imported embeddings are related to (None for a
+    folder)."""
     model = resolve_model(model_name, root)
     if isinstance(model, Path):
-        return inspect_model(model).token_dim
-    return TOKEN_DIMS[model.base][-1]  # type: ignore[index]  # resolve_model took a trainable one
+        return inspect_model(model).token_dim, None
+    return TOKEN_DIMS[model.base][-1], model.key  # type: ignore[index]  # a trainable base
 
 
 @contextmanager

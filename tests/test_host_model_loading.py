@@ -174,7 +174,7 @@ def test_a_checkpoint_cannot_export_a_diffusers_pipeline(
 def test_an_import_is_checked_against_a_checkpoint_by_its_base(
     capsys: pytest.CaptureFixture[str], host_root: Path, sd1_single_file: Path, tmp_path: Path
 ) -> None:
-    add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
+    checkpoint_key = add_checkpoint_record(host_root, sd1_single_file, CHECKPOINT_NAME)
     refiner = tmp_path / "refiner.safetensors"
     refiner.write_bytes(b"listed, never loaded")
     add_checkpoint_record(host_root, refiner, "tiny-refiner", base="sdxl-refiner")
@@ -194,7 +194,10 @@ def test_an_import_is_checked_against_a_checkpoint_by_its_base(
 
     assert main(["import", str(one), root, f"--model={CHECKPOINT_NAME}"]) == 0
     assert "InvokeAI: registered <one> (sd-1)" in capsys.readouterr().out
-    assert [record.name for record in host_records(host_root)] == ["one"]
+    (record,) = host_records(host_root)
+    assert record.name == "one"
+    with open_host_models(host_root) as models:  # the model it was imported for is related
+        assert models.relationships.get_related_model_keys(record.key) == [checkpoint_key]
 
 
 def _encode(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .embeddings import (
     check_fits_model,
     check_prompt_name,
     install_embedding,
+    relate_models,
 )
 from .model_db import open_host_models
 from .running_server import refresh_running_server
@@ -122,9 +123,10 @@ def import_embeddings(
     sources: Sequence[Path],
     name: str | None = None,
     model_dim: int | None = None,
+    model_key: str | None = None,
 ) -> ImportReport:
     """Read and check everything first (against `model_dim`, a model's token width, if given),
-    then store and register it all."""
+    then store and register it all, related to the installed model `model_key` if given."""
     found, skipped = embeddings_in(files_to_import(sources))
     if name and len(found) > 1:
         origins = ", ".join(embedding.origin for embedding in found)
@@ -145,6 +147,9 @@ def import_embeddings(
             )
             for embedding, chosen in checked
         ]
+        if model_key is not None:
+            for embedding_record, _ in registered:
+                relate_models(models, embedding_record.key, model_key)
         refresh_running_server(models)
     return ImportReport(registered, skipped)
 
