@@ -64,7 +64,8 @@ def test_list_models_shows_trainable_and_unsupported(
     shown = capsys.readouterr().out
     lines = {line.split()[0]: line for line in shown.splitlines()[1:]}
     assert "sd-1" in lines["tiny-sd-1"] and str(sd1_model.resolve()) in lines["tiny-sd-1"]
-    assert "sd-2" in lines["tiny-sd-2"] and "sdxl" in lines["tiny-sdxl"]
+    assert "sd-2 v-pred" in lines["tiny-sd-2"] and "sdxl" in lines["tiny-sdxl"]
+    assert "v-pred" not in lines["tiny-sd-1"] + lines["tiny-sdxl"]
     assert "not trainable: its files are missing" in lines["moved-away"]
     assert list(lines)[-1] == "moved-away"  # trainable models first
 
