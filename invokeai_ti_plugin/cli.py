@@ -104,10 +104,7 @@ def list_models(root: Path) -> int:
     print(f"Main models installed in InvokeAI at {root}:")
     for model in found:
         status = str(model.path) if model.trainable else f"not trainable: {model.problem}"
-        # training predicts what the record says: a wrong one is the user's to see and fix
-        predicts = getattr(getattr(model.record, "prediction_type", None), "value", "epsilon")
-        kind = f"{model.base} v-pred" if predicts == "v_prediction" else model.base
-        print(f"  {model.name:<{width}}  {kind:<13}  {model.key}  {status}")
+        print(f"  {model.name:<{width}}  {model.kind:<13}  {model.key}  {status}")
     return 0
 
 

@@ -29,6 +29,13 @@ class InstalledModel:
     def trainable(self) -> bool:
         return self.problem is None
 
+    @property
+    def kind(self) -> str:
+        """Its base, and "v-pred" where InvokeAI's record says it predicts v: training follows
+        the record, so a wrong one is for the user to see (and fix) before a run."""
+        predicts = getattr(getattr(self.record, "prediction_type", None), "value", "epsilon")
+        return f"{self.base} v-pred" if predicts == "v_prediction" else self.base
+
 
 def problem_of(record: AnyModelConfig, path: Path) -> str | None:
     """Why InvokeAI's main model `record` (its files at `path`) cannot be trained, or None."""

@@ -33,7 +33,7 @@ FieldWidget = Input | Checkbox | Select[str]
 def _model_option(model: InstalledModel, width: int) -> Option:
     """A trainable model, or a greyed-out one that says why it cannot be trained."""
     prompt = Text(f"{model.name:<{width}}  ")
-    prompt.append(model.base, "dim" if model.trainable else "")
+    prompt.append(model.kind, "dim" if model.trainable else "")
     if model.problem:
         prompt.append(f"  not trainable: {model.problem}")
     return Option(prompt, id=model.key, disabled=not model.trainable)
