@@ -11,8 +11,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -25,6 +26,9 @@ from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.board_images import EXPORT_MARKER
 
 from .conftest import Server, host_cli_args, running_server, save_tensors
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 pytestmark = pytest.mark.slow
 
@@ -287,77 +291,73 @@ NODE_LABELS = [
     "Resolution", "Seed", "Resume", "Embedding", "Trigger", "Samples",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-# CI installs Chromium (.ci/run) and must run this; a local run without it skips
-@pytest.mark.skipif(
+# CI installs Chromium (.ci/run) and must run these; a local run without it skips
+needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists() and not os.environ.get("CI"),
     reason="no Chromium at /usr/bin/chromium (apt install chromium)",
 )
+
+
+@contextmanager
+def web_ui(server: Server, width: int = 1600) -> Iterator[Page]:
+    """The server's web UI, open in headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 1000})
+            page.goto(server.address)
+            yield page
+        finally:
+            browser.close()
+
+
+@needs_chromium
 def test_a_browser_loads_the_workflow_and_shows_the_node(server: Server, tmp_path: Path) -> None:
     """The real web UI in headless Chromium: the library holds the workflow, and loading it
     puts the node, with every field, in the workflow editor. INVOKEAI_TI_SCREENSHOT=PATH keeps
     the screenshot (docs/web-node.png is made so)."""
-    from playwright.sync_api import sync_playwright
-
     shot = Path(os.environ.get("INVOKEAI_TI_SCREENSHOT", tmp_path / "web-node.png"))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(server.address)
-            page.locator("[aria-label='Workflows']").first.click()
-            page.get_by_text("Browse Workflow Templates").click()
-            page.get_by_text("Your Workflows").click()
-            page.get_by_text("Train Textual Inversion").first.click()
-            page.get_by_role("button", name="Load", exact=True).click()
-            page.get_by_text("Workflow Editor", exact=True).click()
-            page.locator("button[aria-label='Fit View']").click()
-            node = page.locator(".react-flow__node").filter(has_text="Train Textual Inversion")
-            node.wait_for()
-            page.wait_for_timeout(1000)  # the fit-view animation
-            page.screenshot(path=str(shot))
-            shown = node.inner_text()
-        finally:
-            browser.close()
+    with web_ui(server) as page:
+        page.locator("[aria-label='Workflows']").first.click()
+        page.get_by_text("Browse Workflow Templates").click()
+        page.get_by_text("Your Workflows").click()
+        page.get_by_text("Train Textual Inversion").first.click()
+        page.get_by_role("button", name="Load", exact=True).click()
+        page.get_by_text("Workflow Editor", exact=True).click()
+        page.locator("button[aria-label='Fit View']").click()
+        node = page.locator(".react-flow__node").filter(has_text="Train Textual Inversion")
+        node.wait_for()
+        page.wait_for_timeout(1000)  # the fit-view animation
+        page.screenshot(path=str(shot))
+        shown = node.inner_text()
     lines = {line.strip() for line in shown.splitlines()}
     assert "Train Textual Inversion" in lines
     assert [label for label in NODE_LABELS if label not in lines] == []
     assert shot.stat().st_size > 10_000
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists() and not os.environ.get("CI"),
-    reason="no Chromium at /usr/bin/chromium (apt install chromium)",
-)
+@needs_chromium
 def test_a_browser_shows_a_trained_word_in_the_model_manager(
     server: Server, host_root: Path, object_images: Path, tmp_path: Path
 ) -> None:
     """Trained from the command line beside the running server, the embedding appears in the
     web UI's model manager with its first sample as picture, what it was trained on, and the
     model it is related to."""
-    from playwright.sync_api import sync_playwright
-
     args = host_cli_args(host_root, object_images, "tiny-sd-1", "--num_validation_images=1")
     assert main(args) == 0
     shot = Path(os.environ.get("INVOKEAI_TI_MODELS_SCREENSHOT", tmp_path / "model-manager.png"))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
-            page.goto(server.address)
-            # the "What's New" popover covers the tab bar: click through it
-            page.locator("[aria-label='Models']").first.dispatch_event("click")
-            page.get_by_text("striped-ball", exact=True).first.dispatch_event("click")
-            details = page.get_by_text("trained on tiny-sd-1 for 2 steps").last
-            details.wait_for()
-            page.wait_for_timeout(1000)  # the cover image loading
-            page.screenshot(path=str(shot))
-            covers = page.locator("img[src*='/image']")
-            loaded = covers.evaluate_all("images => images.map(i => i.complete && i.naturalWidth)")
-            named = page.get_by_text("tiny-sd-1", exact=True).count()
-        finally:
-            browser.close()
+    with web_ui(server, width=1500) as page:
+        # the "What's New" popover covers the tab bar: click through it
+        page.locator("[aria-label='Models']").first.dispatch_event("click")
+        page.get_by_text("striped-ball", exact=True).first.dispatch_event("click")
+        page.get_by_text("trained on tiny-sd-1 for 2 steps").last.wait_for()
+        page.wait_for_timeout(1000)  # the cover image loading
+        page.screenshot(path=str(shot))
+        covers = page.locator("img[src*='/image']")
+        loaded = covers.evaluate_all("images => images.map(i => i.complete && i.naturalWidth)")
+        named = page.get_by_text("tiny-sd-1", exact=True).count()
     assert loaded and all(width == 64 for width in loaded), loaded  # list and details
     assert named == 2  # the main model's list entry, and its chip under Related Models
     assert shot.stat().st_size > 10_000
