@@ -204,11 +204,16 @@ def test_the_nodes_fields_are_the_configs(make_config: Callable[..., Any]) -> No
         "optimizer",
         "validation_steps",
         "num_validation_images",
+        "scale_lr",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "gradient_accumulation_steps",
+        "center_crop",
     )
     for name in same_defaults:
         assert fields[name].default == options[name].default, name
-    for name in ("model", "placeholder_token", "train_batch_size", "optimizer"):
-        assert fields[name].description == options[name].description
+    for name in ("model", "placeholder_token", "train_batch_size", *same_defaults[1:]):
+        assert fields[name].description == options[name].description, name
     for name in ("learning_rate", "validation_prompt"):  # each adds what its 0 or "" means
         assert (fields[name].description or "").startswith(options[name].description or "-")
     assert "holds the queue" in (TrainTextualInversionInvocation.__doc__ or "")
@@ -245,6 +250,17 @@ def test_the_nodes_inputs_are_the_command_lines_options(
     assert config(validation_prompt=f" {sushi}\n").validation_prompt == sushi
     with pytest.raises(UserInputError, match="--learning_rate: must be a positive number"):
         config(learning_rate=-1.0)
+    # the manual's form's options, as the terminal form has them
+    assert (config().scale_lr, config().center_crop) == (True, False)
+    tuned = config(
+        scale_lr=False,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        gradient_accumulation_steps=4,
+        center_crop=True,
+    )
+    assert (tuned.scale_lr, tuned.lr_scheduler, tuned.lr_warmup_steps) == (False, "cosine", 100)
+    assert (tuned.gradient_accumulation_steps, tuned.center_crop) == (4, True)
 
 
 def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:

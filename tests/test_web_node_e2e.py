@@ -286,9 +286,10 @@ def test_in_multiuser_mode_only_an_administrator_trains(
 
 NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
-    "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate",
-    "Train Batch Size", "Validation Steps", "Num Validation Images", "Validation Prompt",
-    "Resolution", "Seed", "Resume", "Embedding", "Trigger", "Samples",
+    "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate", "Scale LR",
+    "LR Scheduler", "LR Warmup Steps", "Train Batch Size", "Gradient Accumulation Steps",
+    "Validation Steps", "Num Validation Images", "Validation Prompt", "Resolution",
+    "Center Crop", "Seed", "Resume", "Embedding", "Trigger", "Samples",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 # CI installs Chromium (.ci/run) and must run these; a local run without it skips

@@ -43,6 +43,7 @@ from ..config import (
     MAX_VECTORS,
     SEED_MAX,
     LearnableProperty,
+    LrScheduler,
     OptimizerName,
     TrainingConfig,
     build_config,
@@ -96,7 +97,7 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     title="Train Textual Inversion",
     tags=["training", "textual inversion", "embedding"],
     category="training",
-    version="1.2.0",
+    version="1.3.0",
     use_cache=False,
 )
 class TrainTextualInversionInvocation(BaseInvocation):
@@ -143,7 +144,11 @@ class TrainTextualInversionInvocation(BaseInvocation):
         description=f"{TrainingConfig.model_fields['learning_rate'].description} 0: that "
         "default.",
     )
+    scale_lr: bool = _option("scale_lr", title="Scale LR")
+    lr_scheduler: LrScheduler = _option("lr_scheduler", title="LR Scheduler")
+    lr_warmup_steps: int = _option("lr_warmup_steps", ge=0, title="LR Warmup Steps")
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
+    gradient_accumulation_steps: int = _option("gradient_accumulation_steps", ge=1)
     validation_steps: int = _option("validation_steps", ge=0)
     num_validation_images: int = _option("num_validation_images", ge=0, le=MAX_VALIDATION_IMAGES)
     # a string, not optional, for the same reason as learning_rate: empty stands for the default
@@ -160,6 +165,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
         multiple_of=8,
         description=f"{TrainingConfig.model_fields['resolution'].description} 0: that default.",
     )
+    center_crop: bool = _option("center_crop")
     seed: int = InputField(
         default=0,
         ge=0,
@@ -213,11 +219,16 @@ class TrainTextualInversionInvocation(BaseInvocation):
                 "max_train_steps": self.max_train_steps,
                 "optimizer": self.optimizer,
                 "learning_rate": self.learning_rate or None,
+                "scale_lr": self.scale_lr,
+                "lr_scheduler": self.lr_scheduler,
+                "lr_warmup_steps": self.lr_warmup_steps,
                 "train_batch_size": self.train_batch_size,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
                 "validation_steps": self.validation_steps,
                 "num_validation_images": self.num_validation_images,
                 "validation_prompt": self.validation_prompt.strip() or None,
                 "resolution": self.resolution or None,
+                "center_crop": self.center_crop,
                 "seed": self.seed,
                 "resume_from_checkpoint": "latest" if self.resume else None,
                 "overwrite": not self.resume,
