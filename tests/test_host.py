@@ -22,7 +22,7 @@ from invokeai_ti_plugin.host.embeddings import relate_models
 from invokeai_ti_plugin.host.installed_models import find_installed_model
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.host.node_pack import node_pack_folder
-from invokeai_ti_plugin.host.registered_files import LIST_FILENAME
+from invokeai_ti_plugin.host.registered_files import LIST_FILENAME, RegisteredFiles
 
 from .conftest import COMMAND, DIMENSION_MISMATCH, host_cli_args, host_records, save_tensors
 
@@ -354,6 +354,32 @@ def test_an_embedding_deleted_in_the_model_manager_stays_deleted(
         assert sync_embeddings(models).registered == ["dropped"]
     names = {record.name for record in host_records(host_root)}
     assert names == {"arrived", "dropped", "kept-away"}
+
+
+def test_an_import_beside_a_running_scan_keeps_both_in_the_list(
+    host_root: Path, tmp_path: Path
+) -> None:
+    """A start-up scan holds the list while it hashes and registers; an import (or a training
+    run) that registers meanwhile must not be dropped when the scan writes the list back, or
+    its embedding, once deleted, would come back at the next start."""
+    folder = host_root / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    scanned = save_tensors(folder / "scanned.safetensors", {"emb_params": torch.randn(1, 768)})
+    scan = RegisteredFiles(host_root)  # loaded before the import
+    imported = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    assert main(["import", str(imported), "--name=meanwhile", f"--root={host_root}"]) == 0
+    scan.add(scanned)
+    scan.save()
+    stored = folder / "meanwhile" / "sd-1" / "learned_embeds.safetensors"
+    listed = json.loads((folder / LIST_FILENAME).read_text())
+    assert sorted(listed) == ["meanwhile/sd-1/learned_embeds.safetensors", "scanned.safetensors"]
+
+    with open_host_models(host_root) as models:
+        for record in host_records(host_root):
+            models.installer.delete(record.key)
+        report = sync_embeddings(models)
+    assert report.registered == []
+    assert sorted(report.deleted) == sorted([stored, scanned])
 
 
 def test_a_list_of_embeddings_that_cannot_be_written_stops_nothing(

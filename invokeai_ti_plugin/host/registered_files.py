@@ -29,24 +29,29 @@ def _fingerprint(file: Path) -> str:
 
 
 class RegisteredFiles:
-    """The list in ROOT/embeddings/, read once; `save` writes it back if it changed. A list
-    that is missing or unreadable counts as empty: at worst a deleted embedding comes back, as
-    it did before the list existed."""
+    """The list in ROOT/embeddings/, read once; `save` adds what this process added to the list
+    as it is on disk then, so that a run registering beside a start-up scan (or another run)
+    loses neither's files. A list that is missing or unreadable counts as empty: at worst a
+    deleted embedding comes back, as it did before the list existed."""
 
     def __init__(self, root: Path) -> None:
         self.folder = embeddings_folder(root)
         self.path = self.folder / LIST_FILENAME
+        self._entries = self._read()
+        self._added: dict[str, str] = {}
+
+    def _read(self) -> dict[str, str]:
         try:
             entries = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            entries = {}
-        valid = isinstance(entries, dict)
-        self._entries: dict[str, str] = {
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {
             key: value
-            for key, value in (entries.items() if valid else ())
+            for key, value in entries.items()
             if isinstance(key, str) and isinstance(value, str)
         }
-        self._saved = dict(self._entries)
 
     def _key(self, file: Path) -> str | None:
         """The file's path inside ROOT/embeddings/ (None for a file elsewhere)."""
@@ -59,7 +64,7 @@ class RegisteredFiles:
         """`file` is (now) an embedding InvokeAI knows, with the content it has now."""
         key = self._key(file)
         if key is not None and file.is_file():
-            self._entries[key] = _fingerprint(file)
+            self._entries[key] = self._added[key] = _fingerprint(file)
 
     def was_registered(self, file: Path) -> bool:
         """`file`, with its present content, was registered before (its record since deleted)."""
@@ -67,16 +72,20 @@ class RegisteredFiles:
         return key in self._entries and self._entries[key] == _fingerprint(file)
 
     def save(self) -> None:
-        """Write the list back, without the files that are gone, if anything changed. Best
-        effort: the embeddings are registered either way, and a list that cannot be written
-        (a full disk, no permission) only lets a deletion be undone at the next start."""
-        self._entries = {
-            key: value for key, value in self._entries.items() if (self.folder / key).is_file()
+        """Add this process's files to the list on disk, and drop the files that are gone, if
+        that changes it. Best effort: the embeddings are registered either way, and a list that
+        cannot be written (a full disk, no permission) only lets a deletion be undone at the
+        next start."""
+        on_disk = self._read()
+        merged = {
+            key: value
+            for key, value in {**on_disk, **self._added}.items()
+            if (self.folder / key).is_file()
         }
-        if self._entries == self._saved or not self.folder.is_dir():
+        if merged == on_disk or not self.folder.is_dir():
             return
         try:
-            write_json_atomically(self.path, dict(sorted(self._entries.items())))
+            write_json_atomically(self.path, dict(sorted(merged.items())))
         except (OSError, UserInputError) as error:
             logger.warning(
                 "could not write %s (%s): an embedding deleted in InvokeAI's model manager may "
@@ -85,7 +94,7 @@ class RegisteredFiles:
                 error,
             )
             return
-        self._saved = dict(self._entries)
+        self._entries, self._added = merged, {}
 
 
 def note_registered(root: Path, file: Path) -> None:
