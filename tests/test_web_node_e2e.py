@@ -21,6 +21,7 @@ import pytest
 import requests
 import socketio
 import torch
+from PIL import Image
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.board_images import EXPORT_MARKER
@@ -163,8 +164,13 @@ def test_the_training_node_in_the_web_ui(
         grid = server.call("GET", f"/api/v1/images/i/{result['samples']['image_name']}")
         assert (grid["width"], grid["height"], grid["board_id"]) == (4 * 64, 64, None)
         assert grid["is_intermediate"] is False
+        # and the loss plot beside it, the run folder's loss.png
+        plot = server.call("GET", f"/api/v1/images/i/{result['loss_plot']['image_name']}")
+        with Image.open(out / "loss.png") as drawn:
+            assert (plot["width"], plot["height"], plot["board_id"]) == (*drawn.size, None)
         board_images = server.call("GET", f"/api/v1/boards/{board_id}/image_names")
         assert grid["image_name"] not in board_images and len(board_images) == len(pictures)
+        assert plot["image_name"] not in board_images
         assert f"resuming from {checkpoint} at step {stopped_at}" in (
             out / "logs" / "train.log"
         ).read_text()
@@ -192,6 +198,9 @@ def test_the_training_node_in_the_web_ui(
         assert again["status"] == "completed", again.get("error_traceback")
         (again_id,) = again["session"]["source_prepared_mapping"]["train"]
         assert again["session"]["results"][again_id].get("samples") is None  # None: left out
+        assert again["session"]["results"][again_id]["loss_plot"]["image_name"] != (
+            result["loss_plot"]["image_name"]
+        )
     finally:
         progress.client.disconnect()
 
@@ -289,7 +298,7 @@ NODE_LABELS = [
     "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate", "Scale LR",
     "LR Scheduler", "LR Warmup Steps", "Train Batch Size", "Gradient Accumulation Steps",
     "Validation Steps", "Num Validation Images", "Validation Prompt", "Resolution",
-    "Center Crop", "Seed", "Resume", "Embedding", "Trigger", "Samples",
+    "Center Crop", "Seed", "Resume", "Embedding", "Trigger", "Samples", "Loss Plot",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")
 # CI installs Chromium (.ci/run) and must run these; a local run without it skips

@@ -87,8 +87,12 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     trigger: str = OutputField(description="The word to use in prompts, e.g. <psychedelic>")
     samples: ImageField | None = OutputField(
         default=None,
-        description="The last sample grid, also in the gallery (none with "
-        "num_validation_images 0)",
+        description="The last sample grid, also in the gallery (none with num_validation_images 0)",
+    )
+    loss_plot: ImageField | None = OutputField(
+        default=None,
+        description="The loss and learning rate over the run (the run folder's loss.png), also "
+        "in the gallery",
     )
 
 
@@ -141,8 +145,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
     # step (0.1) invalid when given one; the config refuses less than 0
     learning_rate: float = InputField(
         default=0.0,
-        description=f"{TrainingConfig.model_fields['learning_rate'].description} 0: that "
-        "default.",
+        description=f"{TrainingConfig.model_fields['learning_rate'].description} 0: that default.",
     )
     scale_lr: bool = _option("scale_lr", title="Scale LR")
     lr_scheduler: LrScheduler = _option("lr_scheduler", title="LR Scheduler")
@@ -202,7 +205,10 @@ class TrainTextualInversionInvocation(BaseInvocation):
         return TrainTextualInversionOutput(
             embedding=ModelIdentifierField.from_config(record),
             trigger=f"<{outcome.registered.name}>",
-            samples=_gallery_copy(context, config),
+            samples=_gallery_copy(
+                context, runs_last_grid(config.out_dir, config.num_validation_images)
+            ),
+            loss_plot=_gallery_copy(context, RunFolder(config.out_dir).loss_plot),
         )
 
     def training_config(self, root: Path, data_dir: Path | None) -> TrainingConfig:
@@ -274,15 +280,14 @@ def _require_administrator(context: InvocationContext, services: InvocationServi
         )
 
 
-def _gallery_copy(context: InvocationContext, config: TrainingConfig) -> ImageField | None:
-    """The run's last sample grid, saved to the gallery: what the new word draws, where the
-    user looks for pictures. Never to the training board (the node is no `WithBoard`), where
-    it would join the next run's training set. None when this run drew no samples (an older
-    grid in the folder is not this run's)."""
-    grid = runs_last_grid(config.out_dir, config.num_validation_images)
-    if grid is None:
+def _gallery_copy(context: InvocationContext, picture: Path | None) -> ImageField | None:
+    """A picture of the run (its last sample grid, its loss plot) saved to the gallery, where
+    the user looks for pictures. Never to the training board (the node is no `WithBoard`),
+    where it would join the next run's training set. None for no picture: a run that drew no
+    samples has none (an older grid in the folder is not this run's)."""
+    if picture is None or not picture.is_file():
         return None
-    with Image.open(grid) as image:
+    with Image.open(picture) as image:
         saved = context.images.save(image=image.convert("RGB"))
     return ImageField(image_name=saved.image_name)
 
