@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.config import TrainingConfig
@@ -266,6 +268,30 @@ def test_a_diverging_run_stops_with_one_line_and_writes_nothing_broken(
     load_checkpoint(out / "checkpoints" / "checkpoint-1")  # intact: a run can continue from it
     assert host_records(host_root) == []
     assert not (host_root / "embeddings" / "striped-ball").exists()
+
+
+def test_vectors_that_overflow_in_the_last_update_are_never_saved(
+    make_config: MakeConfig,
+) -> None:
+    """The last update's loss was measured before it, so only the vectors show that it threw
+    them out of float32's range (here the optimizer's real update is followed by one to
+    infinity): the run stops before that embedding or a checkpoint of it is written."""
+
+    def overflow(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for vectors in group["params"]:
+                    vectors.fill_(math.inf)
+
+    config = make_config(max_train_steps=2, checkpointing_steps=1)
+    handle = register_optimizer_step_post_hook(overflow)
+    try:
+        with pytest.raises(UserInputError, match="diverged at step 1: the vectors overflowed"):
+            Trainer(config).run()
+    finally:
+        handle.remove()
+    assert not (config.out_dir / "learned_embeds.safetensors").exists()
+    assert list_checkpoints(config.out_dir) == []
 
 
 @pytest.mark.slow

@@ -250,8 +250,7 @@ class TrainingRun:
                 self.lr_scheduler.step()
             self.step += 1
             reduced = accelerator.reduce(loss_sum, "mean")
-            loss_value = float(reduced) / config.gradient_accumulation_steps
-            self._stop_if_diverged(loss_value)
+            loss_value = self._finite(reduced) / config.gradient_accumulation_steps
             now = time.perf_counter()
             elapsed, last = now - last, now
             seconds_per_step = (
@@ -287,13 +286,17 @@ class TrainingRun:
         self.save_samples()
         return self._finish(completed=not stopped, checkpoint=checkpoint)
 
-    def _stop_if_diverged(self, loss: float) -> None:
-        """A loss or vector that is no longer finite never recovers: stop before anything of it
-        is saved, so the checkpoints and the embedding on disk stay the last good ones."""
+    def _finite(self, loss: torch.Tensor) -> float:
+        """`loss` read from the device, with the vectors' finiteness in the same read (each read
+        waits for the GPU to finish). A loss or vector that is no longer finite never
+        recovers: stop before anything of it is saved, so the checkpoints and the embedding on
+        disk stay the last good ones."""
         vectors = self.learned_vectors().tensors.values()
-        if math.isfinite(loss) and all(bool(torch.isfinite(v).all()) for v in vectors):
-            return
-        what = f"the loss became {loss}" if not math.isfinite(loss) else "the vectors overflowed"
+        finite = torch.stack([torch.isfinite(v).all() for v in vectors]).all()
+        value, vectors_finite = torch.stack([loss.float(), finite.float()]).tolist()
+        if math.isfinite(value) and vectors_finite:
+            return value
+        what = f"the loss became {value}" if not math.isfinite(value) else "the vectors overflowed"
         raise UserInputError(
             f"training diverged at step {self.step}: {what}, and nothing of it was saved; run "
             f"again with a lower --learning_rate (this run used {self.config.learning_rate:g})"
@@ -400,11 +403,12 @@ class TrainingRun:
         return path
 
     def _stop_is_requested(self) -> bool:
-        """All processes stop together, whichever of them was interrupted."""
+        """All processes stop together, whichever of them was interrupted (a process alone
+        asks no device: a read from it would wait for the GPU every update)."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested()
         flag = torch.tensor(float(self.stop_requested()), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, "max")
-        return bool(flag.item())
+        return bool(self.accelerator.reduce(flag, "max").item())
 
     def _facts(self) -> dict[str, Any]:
         info = self.parts.info
