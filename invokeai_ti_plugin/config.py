@@ -65,6 +65,9 @@ MAX_RESOLUTION = 2048  # twice SDXL's native 1024; larger squares exceed any GPU
 SEED_MAX = 2**32 - 1  # InvokeAI's own seed range (invokeai.app.util.misc.SEED_MAX)
 MAX_BATCH_SIZE = 256  # far beyond what one GPU holds; gradient accumulation goes further
 MAX_VALIDATION_IMAGES = 16  # the sample grid is rendered in one batch
+# Far past any rate that learns (such a run diverges, and says so), and short of float32's
+# 3.4e38, where the optimizer itself failed with a traceback, even once scaled by --scale_lr
+MAX_LEARNING_RATE = 1e30
 
 
 def name_problem(name: str) -> str | None:
@@ -376,8 +379,11 @@ class TrainingConfig(BaseModel):
         if value is None:  # the optimizer's default (None only while the optimizer is invalid)
             optimizer = info.data.get("optimizer")
             return DEFAULT_LEARNING_RATES[optimizer] if optimizer else None
-        if not value > 0:
-            raise ValueError(f"must be a positive number such as 5e-4 (got {value})")
+        if not 0 < value <= MAX_LEARNING_RATE:
+            raise ValueError(
+                f"must be a positive number such as 5e-4, at most {MAX_LEARNING_RATE:g} "
+                f"(got {value:g})"
+            )
         return value
 
     @field_validator("snr_gamma", "max_embedding_norm")

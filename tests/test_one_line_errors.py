@@ -53,6 +53,10 @@ from .conftest import COMMAND, cli_args, fails_cleanly, one_error_line, write_im
         ("--resolution=8", "--resolution: must be a positive multiple of 8 from 64 to 2048"),
         ("--learning_rate=inf", "--learning_rate: Input should be a finite number"),
         ("--learning_rate=nan", "--learning_rate: Input should be a finite number"),
+        (  # the optimizer failed with a traceback past float32's range
+            "--learning_rate=1e39",
+            "--learning_rate: must be a positive number such as 5e-4, at most 1e+30 (got 1e+39)",
+        ),
         ("--train_batch_size=100000000000000000000", "--train_batch_size: must be at most 256"),
         ("--num_validation_images=1000", "--num_validation_images: must be at most 16"),
     ],
