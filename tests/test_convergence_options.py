@@ -4,6 +4,7 @@ tiny pipelines."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
 from invokeai_ti_plugin.training.loss_plot import write_loss_plot
 from invokeai_ti_plugin.training.model_files import inspect_model, load_model_parts
 from invokeai_ti_plugin.training.objective import denoising_loss, snr_weights
+from invokeai_ti_plugin.training.optimizers import build_lr_scheduler
 from invokeai_ti_plugin.training.reports import ProgressUpdate
 from invokeai_ti_plugin.training.trainer import Trainer
 
@@ -256,3 +258,41 @@ def test_max_embedding_norm_bounds_every_vector(make_config: MakeConfig, tmp_pat
     assert (limited_norms <= 0.7 * (1 + 1e-6)).all(), limited_norms
     checkpoint = load_checkpoint(limited.checkpoint).snapshot.vectors["emb_params"]
     assert (checkpoint.norm(dim=-1) <= 0.7 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "warning", "rates"),
+    [
+        (  # the manual's form allows it; diffusers' constant schedule ignores the warm-up
+            {"lr_warmup_steps": 100},
+            "--lr_warmup_steps 100 has no effect with --lr_scheduler constant; choose "
+            "constant_with_warmup (or another scheduler) for a warm-up",
+            [1.0, 1.0, 1.0, 1.0],
+        ),
+        (
+            {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 6},
+            "--lr_warmup_steps 6 is not shorter than the run (--max_train_steps 4): the "
+            "learning rate is still rising when it ends",
+            [0.0, 1 / 6, 2 / 6, 3 / 6],
+        ),
+        ({"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}, None, [0, 0.5, 1, 1]),
+    ],
+)
+def test_a_warmup_the_run_will_not_have_is_said_in_the_log(
+    make_config: Callable[..., TrainingConfig],
+    caplog: pytest.LogCaptureFixture,
+    options: dict[str, object],
+    warning: str | None,
+    rates: list[float],
+) -> None:
+    vectors = torch.nn.Parameter(torch.zeros(1, 8))
+    optimizer = torch.optim.AdamW([vectors], lr=1.0)
+    with caplog.at_level(logging.WARNING, logger="invokeai_ti_plugin"):
+        scheduler = build_lr_scheduler(make_config(**options), optimizer)
+    assert [record.getMessage() for record in caplog.records] == ([warning] if warning else [])
+    seen = []
+    for _ in rates:
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(rates)

@@ -1,4 +1,5 @@
-"""The optimizer over the new word's vectors, built from the config, and the norm limit.
+"""The optimizer over the new word's vectors and its learning-rate schedule, built from the
+config, and the norm limit.
 
 Only the new vectors are parameters, so Prodigy's step-size estimate sees only them: with the
 classic recipe's whole token table it also counts the frozen rows and its step size collapses
@@ -12,7 +13,9 @@ import io
 import logging
 
 import torch
+from diffusers.optimization import get_scheduler
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from ..config import TrainingConfig
 
@@ -57,6 +60,28 @@ def build_optimizer(
         betas=betas,
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
+    )
+
+
+def build_lr_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
+    """The --lr_scheduler over the run. Warm-up steps that the scheduler ignores, or a warm-up
+    the run ends inside, leave the rate other than the user meant: the log says so."""
+    warmup, steps = config.lr_warmup_steps, config.max_train_steps
+    if warmup and config.lr_scheduler == "constant":
+        logger.warning(
+            "--lr_warmup_steps %d has no effect with --lr_scheduler constant; choose "
+            "constant_with_warmup (or another scheduler) for a warm-up",
+            warmup,
+        )
+    elif warmup >= steps:
+        logger.warning(
+            "--lr_warmup_steps %d is not shorter than the run (--max_train_steps %d): the "
+            "learning rate is still rising when it ends",
+            warmup,
+            steps,
+        )
+    return get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
     )
 
 

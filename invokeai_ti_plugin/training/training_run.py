@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 
 from ..atomic_files import write_json_atomically
 from ..config import TrainingConfig
@@ -41,7 +40,7 @@ from .memory_plan import free_gpu_bytes, plan_memory, release_cached_memory
 from .model_files import ModelParts
 from .new_tokens import PlaceholderEmbedding, install_placeholder_embedding, placeholder_tokens
 from .objective import denoising_loss
-from .optimizers import build_optimizer, limit_norms, scaled_learning_rate
+from .optimizers import build_lr_scheduler, build_optimizer, limit_norms, scaled_learning_rate
 from .out_of_memory import unless_out_of_memory
 from .pipeline_export import export_pipeline
 from .prompts import caption_prompt, training_prompts, validation_prompt
@@ -132,12 +131,7 @@ class TrainingRun:
         optimizer = build_optimizer(
             config, [placeholder.vectors for placeholder in self.placeholders], self.learning_rate
         )
-        self.lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer,
-            num_warmup_steps=config.lr_warmup_steps,
-            num_training_steps=config.max_train_steps,
-        )
+        self.lr_scheduler = build_lr_scheduler(config, optimizer)
         *encoders, self.optimizer = accelerator.prepare(*parts.text_encoders, optimizer)
         self.conditioning = TextConditioning(
             parts.tokenizers, encoders, templates + captions, device
