@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from textual.pilot import Pilot
 from textual.widgets import Checkbox, Input, Label, OptionList, Select, Static
 
@@ -247,6 +248,8 @@ def test_ok_trains_to_the_end_and_registers_the_embedding(
 
     async def script(pilot: Pilot[None]) -> None:
         await _small_run(pilot, object_images)
+        await _set(pilot, "num_validation_images", "2")
+        await _set(pilot, "validation_steps", "1")
         await _press_ok(pilot)
         await _wait_for_run(app, pilot)
         assert app.phase == "done", _value(app, "placeholder_token")
@@ -256,6 +259,10 @@ def test_ok_trains_to_the_end_and_registers_the_embedding(
         sample = str(app.query_one("#sample", Static).render())
         output = host_root / "text-inversion-output" / "striped-ball"
         assert sample == f"Latest samples: {output / 'samples' / 'step-000002.png'}"
+        # a grid of the 2 images asked for, drawn every step
+        for step in (1, 2):
+            with Image.open(output / "samples" / f"step-00000{step}.png") as grid:
+                assert grid.size == (2 * 64, 64)
         result = str(app.query_one("#result", Static).render())
         assert "InvokeAI: registered <striped-ball> (sd-1)" in result
         await pilot.press("q")

@@ -62,6 +62,8 @@ FIELDS: tuple[FormField, ...] = (
     FormField("gradient_accumulation_steps", "Accumulation", "integer", "batches per update"),
     FormField("lr_warmup_steps", "Warmup steps", "integer", "only with a warmup scheduler"),
     FormField("validation_prompt", "Sample prompt", "text", width=None),
+    FormField("num_validation_images", "Sample images", "integer", "per grid; 0: none"),
+    FormField("validation_steps", "Sample every", "integer", "steps; 0: at the end only"),
     FormField("overwrite", "Overwrite", "check", "replace an earlier run's outputs"),
 )
 
