@@ -98,7 +98,6 @@ def sync_embeddings(models: HostModels) -> StartupReport:
             _check_sidecar(file, name, vectors)
             register_embedding_file(models, file, name, vectors)
             known.add(file.resolve())  # a link to it is not registered a second time
-            earlier.add(file)
             report.registered.append(name)
         except UserInputError as error:
             report.refused.append(f"{file}: {error}")
