@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from invokeai_ti_plugin.training.images import load_training_images
+from invokeai_ti_plugin.training.images import load_training_images, to_vae_range
 from invokeai_ti_plugin.training.model_files import text_model
 from invokeai_ti_plugin.training.objective import denoising_loss
 from invokeai_ti_plugin.training.prompts import training_prompts
@@ -216,7 +216,8 @@ def train_classic(settings: ClassicSettings, on_step: StepCallback) -> None:
     for step in range(1, settings.max_steps + 1):
         batch = examples.next_batch(settings.batch_size)
         with accelerator.accumulate(*text_encoders):
-            latents = vae.encode(batch.pixels.to(accelerator.device, dtype=weight_dtype))
+            pixels = to_vae_range(batch.pixels)  # the classic dataset's float pixels
+            latents = vae.encode(pixels.to(accelerator.device, dtype=weight_dtype))
             latents = latents.latent_dist.sample().detach() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, num_timesteps, (len(latents),), device=latents.device)

@@ -179,7 +179,7 @@ def fixed_eval_loss(config: TrainingConfig, vectors: dict[str, torch.Tensor]) ->
         ids = add_placeholder_tokens(tokenizer, config.placeholder_token, len(start))
         install_placeholder_embedding(encoder, ids, start)
     images = load_training_images(config.data_dir, info.native_resolution, False)
-    cache = LatentCache(load_vae(info), torch.stack([i.pixels for i in images]), False)
+    cache = LatentCache(load_vae(info), [i.pixels for i in images], False)
     prompts = training_prompts(config.placeholder_token, config.learnable_property)
     conditioning = TextConditioning(parts.tokenizers, parts.text_encoders, prompts, "cpu")
     time_ids = sdxl_time_ids(images, info.native_resolution)

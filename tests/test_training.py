@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from invokeai_ti_plugin.config import TrainingConfig
 from invokeai_ti_plugin.training.checkpoints import list_checkpoints
 from invokeai_ti_plugin.training.embedding_file import read_embedding_vectors
-from invokeai_ti_plugin.training.images import load_training_images
+from invokeai_ti_plugin.training.images import load_training_images, to_vae_range
 from invokeai_ti_plugin.training.latent_cache import LatentCache
 from invokeai_ti_plugin.training.model_files import (
     FolderModelSource,
@@ -222,7 +222,9 @@ def test_cached_latents_give_the_loss_of_encoding_every_step(
     parts = load_model_parts(info)
     vae = load_vae(info)
     images = load_training_images(object_images, 64, False)
-    pixels = torch.stack([image.pixels for image in images])
+    pixels = [image.pixels for image in images]
+    # held as the files gave them until encoded: a quarter of float32's memory
+    assert {p.dtype for p in pixels} == {torch.uint8}
     cache_vae = load_vae(info)
     vae_in_use = weakref.ref(cache_vae)
     cache = LatentCache(cache_vae, pixels, with_flips=True)
@@ -235,7 +237,7 @@ def test_cached_latents_give_the_loss_of_encoding_every_step(
 
     batch = torch.stack([torch.flip(pixels[2], dims=[-1]), pixels[0]])
     with torch.no_grad():
-        dist = vae.encode(batch).latent_dist
+        dist = vae.encode(to_vae_range(batch)).latent_dist
     noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
     direct = (dist.mean + dist.std * noise) * vae.config.scaling_factor
 

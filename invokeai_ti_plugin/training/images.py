@@ -28,7 +28,7 @@ class TrainingImage:
     """One usable image: its file, its pixels at the training resolution, and its caption."""
 
     path: Path
-    pixels: torch.Tensor  # [3, H, W], float32 in [-1, 1]
+    pixels: torch.Tensor  # [3, H, W], uint8: a quarter of float32's memory until encoded
     caption: str | None  # from name.txt beside name.png, if there is one
     original_size: tuple[int, int]  # (height, width) before scaling: SDXL conditions on it
     crop_top_left: tuple[int, int]  # where the square was cut from the original (SDXL)
@@ -90,9 +90,15 @@ def read_caption(image_path: Path) -> str | None:
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """[3, H, W] in [-1, 1], the range the VAE was trained on."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    """[3, H, W] uint8, as the file gave them: every image is held until the VAE has encoded
+    it, so it stays small (SDXL: 3 MB an image instead of float32's 12 MB)."""
+    array = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_vae_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [-1, 1], the range the VAE was trained on."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def load_training_images(

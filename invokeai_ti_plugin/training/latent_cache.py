@@ -12,23 +12,31 @@ same bits whatever the other images are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import AutoencoderKL
+
+from .images import to_vae_range
 
 
 class LatentCache:
     """Latent distributions of each image: [N, variants, C, h, w], variant 1 the mirror image."""
 
-    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor, with_flips: bool) -> None:
-        """`pixels` [N, 3, H, W] in [-1, 1]; encoded on the VAE's device, in its dtype. The cache
-        keeps no reference to `vae`: dropping the caller's frees it."""
+    def __init__(
+        self, vae: AutoencoderKL, pixels: Sequence[torch.Tensor], with_flips: bool
+    ) -> None:
+        """`pixels`: each image [3, H, W] uint8, made float one at a time (never all at once);
+        encoded on the VAE's device, in its dtype. The cache keeps no reference to `vae`:
+        dropping the caller's frees it."""
         self.scaling_factor = float(vae.config.scaling_factor)
         means, stds = [], []
         with torch.no_grad():
             for image in pixels:
                 variants = (image, image.flip(-1)) if with_flips else (image,)
                 for variant in variants:
-                    dist = vae.encode(variant[None].to(vae.device, vae.dtype)).latent_dist
+                    scaled = to_vae_range(variant[None]).to(vae.device, vae.dtype)
+                    dist = vae.encode(scaled).latent_dist
                     means.append(dist.mean[0])
                     stds.append(dist.std[0])
         shape = (len(pixels), 2 if with_flips else 1, *means[0].shape)

@@ -88,7 +88,7 @@ class TrainingRun:
         logger.info("%d images at %d px, each encoded once (and mirrored)", len(images), resolution)
         self.latents = LatentCache(
             parts.vae_loader().to(device),
-            torch.stack([image.pixels for image in images]),
+            [image.pixels for image in images],
             with_flips=True,
         )
         release_cached_memory(device)  # the VAE and its activations: gone before the UNet comes
