@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from invokeai_ti_plugin.errors import UserInputError
-from invokeai_ti_plugin.training.images import load_training_images, to_rgb
+from invokeai_ti_plugin.training.images import load_training_images, to_rgb, to_vae_range
 
 from .conftest import write_image
 
@@ -28,7 +29,10 @@ def test_every_mode_becomes_rgb_at_the_resolution(tmp_path: Path) -> None:
     assert len(images) == 6
     for image in images:
         assert image.pixels.shape == (3, 32, 32)
-        assert image.pixels.min() >= -1.0 and image.pixels.max() <= 1.0
+        assert image.pixels.dtype == torch.uint8
+        scaled = to_vae_range(image.pixels)
+        assert scaled.dtype == torch.float32
+        assert scaled.min() >= -1.0 and scaled.max() <= 1.0
 
 
 def test_transparency_is_laid_over_white() -> None:
@@ -55,9 +59,9 @@ def test_center_crop_keeps_the_middle(tmp_path: Path) -> None:
     image.paste((255, 255, 255), (10, 0, 20, 10))  # white middle square
     image.save(tmp_path / "wide.png")
     (cropped,) = load_training_images(tmp_path, resolution=8, center_crop=True)
-    assert cropped.pixels.min() > 0.9  # only the white square is left
+    assert cropped.pixels.min() > 240  # only the white square is left
     (stretched,) = load_training_images(tmp_path, resolution=8, center_crop=False)
-    assert stretched.pixels.min() < -0.9
+    assert stretched.pixels.min() < 15
 
 
 def test_unreadable_files_are_skipped_with_a_warning(

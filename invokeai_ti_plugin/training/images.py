@@ -92,7 +92,7 @@ def read_caption(image_path: Path) -> str | None:
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """[3, H, W] uint8, as the file gave them: every image is held until the VAE has encoded
     it, so it stays small (SDXL: 3 MB an image instead of float32's 12 MB)."""
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # a copy: Pillow's buffer is read-only
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
