@@ -204,8 +204,8 @@ class TrainingConfig(BaseModel):
         description="After each update, scale down every learned vector whose length exceeds "
         "this. Keeps the word from overpowering the rest of the prompt (the usual sign of an "
         "over-trained embedding), but can slow the learning of a strong concept. Typical: "
-        "about the initializer's norm, which the run logs when it starts (the same limit "
-        "holds for both of SDXL's encoders). Default: no limit.",
+        "about the initializer's norm, which the run logs when it starts (for SDXL, each "
+        "encoder's; the same limit holds for both). Default: no limit.",
     )
     lr_scheduler: LrScheduler = Field(
         default="constant",

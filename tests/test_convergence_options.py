@@ -260,6 +260,37 @@ def test_max_embedding_norm_bounds_every_vector(make_config: MakeConfig, tmp_pat
     assert (checkpoint.norm(dim=-1) <= 0.7 * (1 + 1e-6)).all()
 
 
+@pytest.mark.slow
+def test_sdxl_logs_each_encoders_norms_and_the_limit_bounds_both(
+    make_config: MakeConfig, sdxl_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = load_model_parts(inspect_model(sdxl_model))
+    ball = [
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("ball</w>")]
+        for tokenizer, encoder in zip(parts.tokenizers, parts.text_encoders, strict=True)
+    ]
+    config = make_config(
+        model=str(sdxl_model),
+        output_dir=tmp_path / "sdxl",
+        learning_rate=0.5,
+        num_vectors=2,
+        max_train_steps=3,
+        eval_loss=False,
+        max_embedding_norm=0.3,
+    )
+    with caplog.at_level(logging.INFO):
+        result = Trainer(config).run()
+    # the initializer's vector, twice, in each encoder: the numbers to choose a limit from
+    expected = "; ".join(
+        f"{key} {norm:.3f}, {norm:.3f}"
+        for key, norm in zip(("clip_l", "clip_g"), (float(v.norm()) for v in ball), strict=True)
+    )
+    assert f"initial vector norms: {expected}" in caplog.messages
+    assert all(float(v.norm()) > 0.3 for v in ball)  # so the limit had work to do in both
+    for key, vectors in read_embedding_vectors(result.embedding_path).tensors.items():
+        assert (vectors.norm(dim=-1) <= 0.3 * (1 + 1e-6)).all(), (key, vectors.norm(dim=-1))
+
+
 @pytest.mark.parametrize(
     ("options", "warning", "rates"),
     [

@@ -136,10 +136,7 @@ class TrainingRun:
         self.conditioning = TextConditioning(
             parts.tokenizers, encoders, templates + captions, device
         )
-        logger.info(
-            "initial vector norms: %s",
-            ", ".join(f"{norm:.3f}" for p in self.placeholders for norm in p.vectors.norm(dim=-1)),
-        )
+        logger.info("initial vector norms: %s", self._norms_text())
         self.record = EvaluationRecord()  # kept up to date on the main process
         self.evaluation: FixedEvaluation | None = None
         if config.eval_loss and accelerator.is_main_process:
@@ -176,6 +173,17 @@ class TrainingRun:
                 for key, placeholder in zip(self.vector_keys, self.placeholders, strict=True)
             }
         )
+
+    def _norms_text(self) -> str:
+        """Each vector's length, per encoder for SDXL (`clip_l 0.41; clip_g 0.63`): what
+        --max_embedding_norm is chosen from."""
+        norms = {
+            key: ", ".join(f"{norm:.3f}" for norm in vectors.norm(dim=-1))
+            for key, vectors in self.learned_vectors().tensors.items()
+        }
+        if len(norms) == 1:
+            return next(iter(norms.values()))
+        return "; ".join(f"{key} {text}" for key, text in norms.items())
 
     def restore(self, point: ResumePoint) -> None:
         """Continue from a checkpoint exactly as if the run had never stopped."""
