@@ -4,6 +4,8 @@ TensorBoard's own reader; a resumed run carries them on, a fresh one starts them
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from invokeai_ti_plugin.errors import UserInputError
 from invokeai_ti_plugin.training.trainer import Trainer
+
+from .conftest import COMMAND, cli_args
 
 
 def _curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -55,3 +59,35 @@ def test_a_folder_of_someone_elses_tensorboard_logs_is_refused(make_config) -> N
     with pytest.raises(UserInputError, match="logs/tensorboard, not written by invokeai-ti"):
         Trainer(config).run()
     assert (foreign / "events.out.tfevents.1.other").read_bytes() == b"someone else's run"
+
+
+@pytest.mark.slow
+def test_a_tensorboard_that_does_not_load_is_one_warning_and_the_run_goes_on(
+    sd1_model: Path, object_images: Path, tmp_path: Path
+) -> None:
+    """tensorboard 2.21 beside InvokeAI's protobuf 4 (uv installs the pair): importing it fails
+    with protobuf's own ImportError, which accelerate met only at the first step."""
+    broken = tmp_path / "site" / "tensorboard"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("from google.protobuf import runtime_version\n")
+    out = tmp_path / "out"
+    args = cli_args(sd1_model, object_images, out, "--report_to=tensorboard")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run(
+        [COMMAND, *args, "--no-register_embedding"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    shown = done.stdout + done.stderr
+    assert done.returncode == 0, shown
+    assert "Traceback" not in shown
+    (warning,) = [line for line in shown.splitlines() if "tensorboard is" in line]
+    assert warning.startswith(
+        "tensorboard is installed but does not load (ImportError: cannot import name "
+    ), warning
+    assert 'pip install "tensorboard<2.21"' in warning
+    assert (out / "learned_embeds.safetensors").is_file()
+    assert len((out / "logs" / "history.jsonl").read_text().splitlines()) == 2
+    assert not (out / "logs" / "tensorboard").exists()

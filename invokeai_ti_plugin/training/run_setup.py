@@ -203,11 +203,25 @@ class RunLogFile(logging.FileHandler):
 
 
 def tracker(config: TrainingConfig) -> str | None:
-    """accelerate's TensorBoard tracker, when asked for and installed."""
+    """accelerate's TensorBoard tracker, when asked for and usable. Its writer is imported here,
+    before the model loads: accelerate imports it only at the first step, where a broken
+    install (tensorboard 2.21 needs protobuf 6, InvokeAI holds protobuf 4, and uv installs the
+    pair all the same) ended the run with a traceback."""
     if config.report_to == "none":
         return None
     if importlib.util.find_spec("tensorboard") is None:
         logger.warning("tensorboard is not installed; logging to logs/history.jsonl only")
+        return None
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (what accelerate's tracker writes with)
+    except Exception as error:  # a broken install fails its own way: ImportError, TypeError...
+        logger.warning(
+            "tensorboard is installed but does not load (%s: %s); logging to "
+            "logs/history.jsonl only. Install a tensorboard that fits this environment's "
+            "protobuf (for InvokeAI's protobuf 4: pip install \"tensorboard<2.21\")",
+            type(error).__name__,
+            error,
+        )
         return None
     return config.report_to
 
