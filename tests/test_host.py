@@ -356,6 +356,38 @@ def test_an_embedding_deleted_in_the_model_manager_stays_deleted(
     assert names == {"arrived", "dropped", "kept-away"}
 
 
+def test_linked_embeddings_register_once_and_stay_deleted(host_root: Path, tmp_path: Path) -> None:
+    """Users link in the embeddings they share with A1111 or ComfyUI: a linked folder (its
+    sub-folders too, a link loop in it ending) and a linked file are registered once each, by
+    their paths in ROOT/embeddings/, and once deleted in the model manager they stay deleted."""
+    shared = tmp_path / "a1111-embeddings"
+    (shared / "more").mkdir(parents=True)
+    save_tensors(shared / "style.safetensors", {"emb_params": torch.randn(1, 768)})
+    xl = {"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}
+    save_tensors(shared / "more" / "painter.safetensors", xl)
+    save_tensors(shared / "more" / "sculptor.safetensors", xl)
+    (shared / "more" / "loop").symlink_to(shared, target_is_directory=True)
+    alone = save_tensors(tmp_path / "alone.safetensors", {"emb_params": torch.randn(1, 1024)})
+    folder = host_root / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shared").symlink_to(shared, target_is_directory=True)
+    (folder / "alone.safetensors").symlink_to(alone)
+    (folder / "again").symlink_to(shared, target_is_directory=True)  # the same folder twice
+
+    with open_host_models(host_root) as models:
+        report = sync_embeddings(models)
+    assert sorted(report.registered) == ["alone", "painter", "sculptor", "style"], report
+    records = {record.name: record.base.value for record in host_records(host_root)}
+    assert records == {"alone": "sd-2", "painter": "sdxl", "sculptor": "sdxl", "style": "sd-1"}
+
+    with open_host_models(host_root) as models:
+        for record in host_records(host_root):
+            models.installer.delete(record.key)  # the model manager's Delete button
+        again = sync_embeddings(models)
+    assert again.registered == [] and len(again.deleted) == 4, again
+    assert host_records(host_root) == []
+
+
 def test_an_import_beside_a_running_scan_keeps_both_in_the_list(
     host_root: Path, tmp_path: Path
 ) -> None:

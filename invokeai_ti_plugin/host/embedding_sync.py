@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,32 @@ class StartupReport:
 
 def embedding_files(folder: Path) -> list[Path]:
     """Embedding files under `folder`, skipping hidden and half-written ones, and training run
-    folders (their checkpoints are not embeddings to use)."""
+    folders (their checkpoints are not embeddings to use). Linked folders are followed, each
+    real folder once (a link loop ends): users link in the embeddings folder they share with
+    A1111 or ComfyUI. Files keep their paths inside `folder`."""
     if not folder.is_dir():
         return []
-    run_folders = {marker.parent for marker in folder.rglob(MARKER_FILENAME)}
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and path.suffix in EMBEDDING_SUFFIXES
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and run_folders.isdisjoint(path.parents)
-    )
+    found: list[Path] = []
+    run_folders: set[Path] = set()
+    seen: set[str] = set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        here = Path(directory)
+        if MARKER_FILENAME in names:
+            run_folders.add(here)
+        found.extend(
+            here / name
+            for name in names
+            if not name.startswith(".")
+            and Path(name).suffix in EMBEDDING_SUFFIXES
+            and (here / name).is_file()
+        )
+    return sorted(path for path in found if run_folders.isdisjoint(path.parents))
 
 
 def name_for(file: Path, folder: Path) -> str:

@@ -98,7 +98,9 @@ def register_embedding_file(
         )
     target = file.resolve()
     previous = _records_replaced_by(models, name, base, target)
-    return _register(models, target, name, base, previous, f"textual inversion <{name}>")
+    registered = _register(models, target, name, base, previous, f"textual inversion <{name}>")
+    note_registered(models.root, file)  # where the scan finds it, a link into the folder too
+    return registered
 
 
 def install_embedding(
@@ -122,6 +124,7 @@ def install_embedding(
     registered = _register(
         models, target.resolve(), name, base, previous, _description(name, facts)
     )
+    note_registered(models.root, target)
     if any(models.absolute(record.path).resolve() == legacy.resolve() for record in previous):
         legacy.unlink(missing_ok=True)
         (legacy.parent / SUMMARY_FILENAME).unlink(missing_ok=True)
@@ -160,7 +163,6 @@ def _register(
         _move_cover_image(models, record.key, key)
     for other_key in sorted(related):
         relate_models(models, key, other_key)
-    note_registered(models.root, target)
     logger.info("registered <%s> (%s) with InvokeAI", name, base)
     return RegisteredEmbedding(name, key, base, target, replaced=bool(previous))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..atomic_files import write_json_atomically
@@ -54,7 +55,14 @@ class RegisteredFiles:
         }
 
     def _key(self, file: Path) -> str | None:
-        """The file's path inside ROOT/embeddings/ (None for a file elsewhere)."""
+        """The file's path inside ROOT/embeddings/, links not followed: a linked file, or a
+        file in a linked folder, lies elsewhere but is listed where the scan finds it. The root
+        may be named through a link in one process and not in another, so the path is taken
+        inside either name of the folder. None for a file elsewhere."""
+        absolute = Path(os.path.abspath(file))
+        for folder in (self.folder, self.folder.resolve()):
+            if absolute.is_relative_to(os.path.abspath(folder)):
+                return absolute.relative_to(os.path.abspath(folder)).as_posix()
         try:
             return file.resolve().relative_to(self.folder.resolve()).as_posix()
         except ValueError:
