@@ -471,7 +471,14 @@ class TrainingConfig(BaseModel):
                 f"folder {folder} does not exist; put 3-20 images of your subject there "
                 "or pass --train_data_dir"
             )
-        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file()):
+        if not _holds_images(folder):
+            inside = _sub_folders_with_images(folder)
+            if inside:
+                raise ValueError(
+                    f"folder {folder} holds no PNG, JPEG or WebP images of its own, only in "
+                    f"sub-folders, which are not searched; pass the one to train on, e.g. "
+                    f"--train_data_dir {inside[0]}"
+                )
             raise ValueError(
                 f"folder {folder} holds no PNG, JPEG or WebP images; add 3-20 pictures "
                 "of your subject"
@@ -521,6 +528,23 @@ def trigger_folders(root: Path, trigger: str) -> tuple[Path, Path]:
     """The manual's defaults: ROOT/text-inversion-training-data/<trigger> for the images and
     ROOT/text-inversion-output/<trigger> for the results."""
     return root / DATA_DIRNAME / trigger, root / OUTPUT_DIRNAME / trigger
+
+
+def _holds_images(folder: Path) -> bool:
+    """Pictures directly in `folder`: a run reads no sub-folders."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file())
+
+
+def _sub_folders_with_images(folder: Path) -> list[Path]:
+    """Where the pictures are when a dataset keeps them in sub-folders (kohya's 10_ball/)."""
+    found = []
+    for sub in sorted(folder.iterdir()):
+        try:
+            if sub.is_dir() and not sub.name.startswith(".") and _holds_images(sub):
+                found.append(sub)
+        except OSError:  # an unreadable sub-folder is no hint
+            continue
+    return found
 
 
 def _per_trigger_folder(info: ValidationInfo, output: bool) -> Path | None:

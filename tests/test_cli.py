@@ -72,6 +72,25 @@ def test_data_dir_without_images(capsys, sd1_model: Path, empty_dir: Path, tmp_p
     fails_cleanly(capsys, cli_args(sd1_model, empty_dir, out), "holds no PNG, JPEG or WebP", out)
 
 
+def test_data_dir_with_images_only_in_sub_folders_names_one(
+    capsys, sd1_model: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "kohya"
+    for sub in ("10_ball", "5_other"):
+        (data / sub).mkdir(parents=True)
+        write_image(data / sub / "a.png")
+    (data / ".hidden").mkdir()
+    write_image(data / ".hidden" / "b.png")
+    out = tmp_path / "out"
+    fails_cleanly(
+        capsys,
+        cli_args(sd1_model, data, out),
+        f"holds no PNG, JPEG or WebP images of its own, only in sub-folders, which are not "
+        f"searched; pass the one to train on, e.g. --train_data_dir {data / '10_ball'}",
+        out,
+    )
+
+
 def test_data_dir_with_only_unreadable_images(capsys, sd1_model: Path, tmp_path: Path) -> None:
     data = tmp_path / "bad"
     data.mkdir()
