@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -412,6 +413,52 @@ def test_an_import_beside_a_running_scan_keeps_both_in_the_list(
         report = sync_embeddings(models)
     assert report.registered == []
     assert sorted(report.deleted) == sorted([stored, scanned])
+
+
+# another process's read-merge-write of the list, held open between its read and its write
+_OTHER_WRITER = """
+import json, sys
+from pathlib import Path
+from invokeai_ti_plugin.atomic_files import write_json_atomically
+from invokeai_ti_plugin.host.registered_files import LIST_FILENAME, list_lock
+folder = Path(sys.argv[1])
+with list_lock(folder):
+    path = folder / LIST_FILENAME
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    print("read", flush=True)
+    sys.stdin.readline()
+    write_json_atomically(path, {**entries, "other.safetensors": "its fingerprint"})
+"""
+
+
+def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Path) -> None:
+    """The list is read, merged and written under a lock: a process that writes it back while
+    another is between its read and its write waits, instead of being written over."""
+    folder = host_root / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "other.safetensors").write_bytes(b"another process's embedding")
+    ours = save_tensors(folder / "ours.safetensors", {"emb_params": torch.randn(1, 768)})
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_WRITER, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "read\n"
+        registered = RegisteredFiles(host_root)
+        registered.add(ours)
+        saving = threading.Thread(target=registered.save)
+        saving.start()
+        saving.join(timeout=1.0)
+        assert saving.is_alive()  # waiting for the other process's write
+        assert other.communicate("go\n", timeout=60)[1] is None and other.returncode == 0
+        saving.join(timeout=60)
+        assert not saving.is_alive()
+    finally:
+        other.kill()
+    listed = json.loads((folder / LIST_FILENAME).read_text())
+    assert sorted(listed) == ["other.safetensors", "ours.safetensors"]
 
 
 def test_a_list_of_embeddings_that_cannot_be_written_stops_nothing(

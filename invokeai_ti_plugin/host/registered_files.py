@@ -14,15 +14,21 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..atomic_files import write_json_atomically
 from ..config import embeddings_folder
 from ..errors import UserInputError
+from ..file_lock import try_lock, unlock
 
 logger = logging.getLogger(__name__)
 
 LIST_FILENAME = ".invokeai-ti-registered.json"  # hidden: the scan skips it
+LOCK_FILENAME = ".invokeai-ti-registered.lock"
+LOCK_WAIT_SECONDS = 10.0  # a registration's read-merge-write takes milliseconds
 
 
 def _fingerprint(file: Path) -> str:
@@ -84,25 +90,52 @@ class RegisteredFiles:
         that changes it. Best effort: the embeddings are registered either way, and a list that
         cannot be written (a full disk, no permission) only lets a deletion be undone at the
         next start."""
-        on_disk = self._read()
-        merged = {
-            key: value
-            for key, value in {**on_disk, **self._added}.items()
-            if (self.folder / key).is_file()
-        }
-        if merged == on_disk or not self.folder.is_dir():
+        if not self.folder.is_dir():
             return
-        try:
-            write_json_atomically(self.path, dict(sorted(merged.items())))
-        except (OSError, UserInputError) as error:
-            logger.warning(
-                "could not write %s (%s): an embedding deleted in InvokeAI's model manager may "
-                "be registered again at its next start",
-                self.path,
-                error,
-            )
-            return
+        with list_lock(self.folder):
+            on_disk = self._read()
+            merged = {
+                key: value
+                for key, value in {**on_disk, **self._added}.items()
+                if (self.folder / key).is_file()
+            }
+            if merged == on_disk:
+                return
+            try:
+                write_json_atomically(self.path, dict(sorted(merged.items())))
+            except (OSError, UserInputError) as error:
+                logger.warning(
+                    "could not write %s (%s): an embedding deleted in InvokeAI's model manager "
+                    "may be registered again at its next start",
+                    self.path,
+                    error,
+                )
+                return
         self._entries, self._added = merged, {}
+
+
+@contextmanager
+def list_lock(folder: Path) -> Iterator[None]:
+    """Held from reading the list to writing it back, so that two processes registering at
+    once (a start-up scan and a run, two runs) cannot write over each other's additions. A
+    lock that cannot be had (a read-only folder, a holder stuck for LOCK_WAIT_SECONDS) is gone
+    without: the list is best effort, and registering must never hang on it."""
+    try:
+        handle = os.open(folder / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not (locked := try_lock(handle)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            if locked:
+                unlock(handle)
+    finally:
+        os.close(handle)
 
 
 def note_registered(root: Path, file: Path) -> None:
