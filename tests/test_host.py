@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from invokeai_ti_plugin.cli import main
+from invokeai_ti_plugin.host import registered_files
 from invokeai_ti_plugin.host.embedding_sync import sync_embeddings
 from invokeai_ti_plugin.host.embeddings import relate_models
 from invokeai_ti_plugin.host.installed_models import find_installed_model
@@ -459,6 +460,31 @@ def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Pat
         other.kill()
     listed = json.loads((folder / LIST_FILENAME).read_text())
     assert sorted(listed) == ["other.safetensors", "ours.safetensors"]
+
+
+def test_a_list_lock_held_too_long_does_not_hold_up_registering(
+    host_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stuck while holding the lock: the list is best effort, so after the wait the
+    write goes ahead without it."""
+    folder = host_root / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    ours = save_tensors(folder / "ours.safetensors", {"emb_params": torch.randn(1, 768)})
+    stuck = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_WRITER, str(folder)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline() == "read\n"
+        monkeypatch.setattr(registered_files, "LOCK_WAIT_SECONDS", 0.2)
+        registered = RegisteredFiles(host_root)
+        registered.add(ours)
+        registered.save()
+        assert list(json.loads((folder / LIST_FILENAME).read_text())) == ["ours.safetensors"]
+    finally:
+        stuck.kill()
 
 
 def test_a_list_of_embeddings_that_cannot_be_written_stops_nothing(
