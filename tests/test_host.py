@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -432,13 +434,10 @@ with list_lock(folder):
 """
 
 
-def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Path) -> None:
-    """The list is read, merged and written under a lock: a process that writes it back while
-    another is between its read and its write waits, instead of being written over."""
-    folder = host_root / "embeddings"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "other.safetensors").write_bytes(b"another process's embedding")
-    ours = save_tensors(folder / "ours.safetensors", {"emb_params": torch.randn(1, 768)})
+@contextmanager
+def _other_writer_between_read_and_write(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    """`_OTHER_WRITER` started and stopped after its read; a line on its stdin lets it write.
+    Killed at the end, whatever happened."""
     other = subprocess.Popen(
         [sys.executable, "-c", _OTHER_WRITER, str(folder)],
         stdin=subprocess.PIPE,
@@ -447,6 +446,19 @@ def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Pat
     )
     try:
         assert other.stdout is not None and other.stdout.readline() == "read\n"
+        yield other
+    finally:
+        other.kill()
+
+
+def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Path) -> None:
+    """The list is read, merged and written under a lock: a process that writes it back while
+    another is between its read and its write waits, instead of being written over."""
+    folder = host_root / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "other.safetensors").write_bytes(b"another process's embedding")
+    ours = save_tensors(folder / "ours.safetensors", {"emb_params": torch.randn(1, 768)})
+    with _other_writer_between_read_and_write(folder) as other:
         registered = RegisteredFiles(host_root)
         registered.add(ours)
         saving = threading.Thread(target=registered.save)
@@ -456,8 +468,6 @@ def test_two_processes_writing_the_list_at_once_keep_both_entries(host_root: Pat
         assert other.communicate("go\n", timeout=60)[1] is None and other.returncode == 0
         saving.join(timeout=60)
         assert not saving.is_alive()
-    finally:
-        other.kill()
     listed = json.loads((folder / LIST_FILENAME).read_text())
     assert sorted(listed) == ["other.safetensors", "ours.safetensors"]
 
@@ -470,21 +480,12 @@ def test_a_list_lock_held_too_long_does_not_hold_up_registering(
     folder = host_root / "embeddings"
     folder.mkdir(parents=True, exist_ok=True)
     ours = save_tensors(folder / "ours.safetensors", {"emb_params": torch.randn(1, 768)})
-    stuck = subprocess.Popen(
-        [sys.executable, "-c", _OTHER_WRITER, str(folder)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert stuck.stdout is not None and stuck.stdout.readline() == "read\n"
+    with _other_writer_between_read_and_write(folder):  # and never let go on
         monkeypatch.setattr(registered_files, "LOCK_WAIT_SECONDS", 0.2)
         registered = RegisteredFiles(host_root)
         registered.add(ours)
         registered.save()
         assert list(json.loads((folder / LIST_FILENAME).read_text())) == ["ours.safetensors"]
-    finally:
-        stuck.kill()
 
 
 def test_a_list_of_embeddings_that_cannot_be_written_stops_nothing(
