@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,19 @@ def test_the_readme_demo_trains_registers_and_prints_no_library_noise(tmp_path: 
     noise = [line for line in lines if re.search(r"warn|deprecat|fail|-->", line, re.IGNORECASE)]
     assert noise == []
     assert "training <striped-ball> for 2 steps" in run.stderr
+
+
+def test_registering_leaves_the_warning_filters_as_they_were(
+    host_root: Path, tmp_path: Path
+) -> None:
+    """The host's model probe ends by turning every warning on for the whole process; a library
+    imported after it (onnx's protobuf, on Python 3.12) then printed its deprecation notice in
+    the middle of the demo. Registering keeps the filters the process had."""
+    warnings.simplefilter("ignore", DeprecationWarning)  # as outside __main__ by default
+    before = list(warnings.filters)
+    vectors = save_tensors(tmp_path / "ball.safetensors", {"emb_params": torch.randn(1, 768)})
+    assert main(["import", str(vectors), "--name=ball", f"--root={host_root}"]) == 0
+    assert warnings.filters == before
 
 
 def test_list_models_shows_trainable_and_unsupported(

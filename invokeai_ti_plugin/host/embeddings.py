@@ -149,9 +149,7 @@ def _register(
     } - replaced
     for record in previous:
         models.installer.unregister(record.key)
-    key = models.installer.register_path(
-        target, ModelRecordChanges(name=name, description=description)
-    )
+    key = models.register(target, ModelRecordChanges(name=name, description=description))
     record = models.store.get_model(key)
     if record.type.value != "embedding" or record.base.value != base:
         models.installer.unregister(key)

@@ -91,7 +91,7 @@ def install_main_model(models: HostModels, folder: Path, name: str) -> Installed
     existing = [model for model in find_installed_model(models, name) if model.path == folder]
     if existing:
         return existing[0]
-    key = models.installer.register_path(folder, ModelRecordChanges(name=name))
+    key = models.register(folder, ModelRecordChanges(name=name))
     (model,) = [model for model in installed_main_models(models) if model.key == key]
     return model
 

@@ -7,6 +7,7 @@ change at its next request); inside the server the plugin borrows the server's o
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from invokeai.app.services.invocation_services import InvocationServices
     from invokeai.app.services.model_images.model_images_base import ModelImageFileStorageBase
     from invokeai.app.services.model_install.model_install_base import ModelInstallServiceBase
+    from invokeai.app.services.model_records import ModelRecordChanges
     from invokeai.app.services.model_records.model_records_base import ModelRecordServiceBase
     from invokeai.app.services.model_relationship_records.model_relationship_records_base import (
         ModelRelationshipRecordStorageBase,
@@ -47,6 +49,12 @@ class HostModels:
         path = Path(record_path)
         return path if path.is_absolute() else Path(self.config.models_path) / path
 
+    def register(self, path: Path, changes: ModelRecordChanges) -> str:
+        """Register `path` in place, as the host's probe reads it (quietly: see `quiet_host`);
+        the new record's key."""
+        with quiet_host():
+            return self.installer.register_path(path, changes)
+
     @classmethod
     def of_server(cls, services: InvocationServices) -> HostModels:
         """A running server's own instances: inside it, nothing opens a second writer."""
@@ -58,6 +66,30 @@ class HostModels:
             services.model_images,
             services.model_relationship_records,
         )
+
+
+@contextmanager
+def quiet_host() -> Iterator[None]:
+    """Keep the host's own chatter off our user's terminal, and the process's warning filters
+    as they were. Its model manager imports every node the host ships, whose modules warn about
+    their deprecated calls, transformers warns about a renamed class, and the host logs that
+    patchmatch is ready. Its model probe ends by turning every warning on for the whole process
+    (`SilenceWarnings`), so the libraries it imports next print their deprecation notices (onnx's
+    protobuf on Python 3.12, for one), and so would every later import of ours."""
+    from invokeai.backend.util.logging import InvokeAILogger
+    from transformers.utils import logging as transformers_logging
+
+    host_logger = InvokeAILogger.get_logger()
+    host_level, transformers_level = host_logger.level, transformers_logging.get_verbosity()
+    host_logger.setLevel(logging.WARNING)
+    transformers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        host_logger.setLevel(host_level)
+        transformers_logging.set_verbosity(transformers_level)
 
 
 @contextmanager

@@ -22,7 +22,6 @@ import copy
 import logging
 import os
 import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -46,7 +45,7 @@ from ..training.model_files import (
     vae_dtype,
 )
 from .installed_models import problem_of
-from .model_db import open_host_models
+from .model_db import open_host_models, quiet_host
 
 if TYPE_CHECKING:
     from invokeai.backend.model_manager.configs.factory import AnyModelConfig
@@ -235,7 +234,7 @@ def standalone_model_loader(
     """InvokeAI's model manager on `root`, built as the server builds it (`ApiDependencies`):
     its model cache, execution device and precision from the root's invokeai.yaml. Yields, for
     a model record, the loader of its parts; the cache is shut down at the end."""
-    with _quiet_host_imports():
+    with quiet_host():
         from invokeai.app.services.download.download_default import DownloadQueueService
         from invokeai.app.services.events.events_base import EventServiceBase
         from invokeai.app.services.model_manager.model_manager_default import ModelManagerService
@@ -254,28 +253,6 @@ def standalone_model_loader(
         finally:
             for cache in load_service.ram_caches.values():  # type: ignore[attr-defined]
                 cache.shutdown()
-
-
-@contextmanager
-def _quiet_host_imports() -> Iterator[None]:
-    """The host's model manager imports its graph, and with it every node the host ships:
-    their modules warn about their own deprecated calls (and the host's model probing has
-    turned every warning back on), transformers about a renamed class, and the host logs
-    that patchmatch is ready. Nothing there is for our user's terminal."""
-    from invokeai.backend.util.logging import InvokeAILogger
-    from transformers.utils import logging as transformers_logging
-
-    host_logger = InvokeAILogger.get_logger()
-    host_level, transformers_level = host_logger.level, transformers_logging.get_verbosity()
-    host_logger.setLevel(logging.WARNING)
-    transformers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        host_logger.setLevel(host_level)
-        transformers_logging.set_verbosity(transformers_level)
 
 
 @contextmanager
