@@ -22,7 +22,7 @@ from textual.widgets import Checkbox, Input, Label, OptionList, Select, Static
 
 from invokeai_ti_plugin import launcher
 from invokeai_ti_plugin.cli import main
-from invokeai_ti_plugin.config import default_batch_size, xformers_installed
+from invokeai_ti_plugin.config import build_config, default_batch_size, xformers_installed
 from invokeai_ti_plugin.host.installed_models import install_main_model, installed_models_at
 from invokeai_ti_plugin.host.model_db import open_host_models
 from invokeai_ti_plugin.training.checkpoints import STATE_FILENAME, list_checkpoints
@@ -226,6 +226,47 @@ def test_invalid_fields_block_ok_with_their_messages(
     _drive(app, script)
     assert not (host_root / "text-inversion-output").exists()  # nothing was written
     assert host_records(host_root) == []
+
+
+def test_the_convergence_options_reach_the_config(host_root: Path, object_images: Path) -> None:
+    """Min-SNR, the norm limit and the evaluation options, typed and ticked in the form, are
+    the command line's options, checked the same way."""
+    app = _form(host_root)
+    chosen: dict[str, object] = {}
+
+    async def script(pilot: Pilot[None]) -> None:
+        await _set(pilot, "placeholder_token", "striped-ball")
+        await _set(pilot, "train_data_dir", str(object_images))
+        assert (_value(app, "snr_gamma"), _value(app, "max_embedding_norm")) == ("", "")
+        assert (_value(app, "eval_loss"), _value(app, "save_best")) == (True, False)
+        await _set(pilot, "snr_gamma", "5")
+        await _set(pilot, "max_embedding_norm", "0.4")
+        app.query_one("#eval_loss", Checkbox).value = False
+        app.query_one("#save_best", Checkbox).value = True
+        await pilot.pause()
+        await _press_ok(pilot)
+        assert "needs the evaluation loss" in _problem(app, "save_best")
+        assert app.phase == "form"
+
+        app.query_one("#eval_loss", Checkbox).value = True
+        await pilot.pause()
+        config = build_config(app.query_one(TrainingForm).options())
+        chosen.update(
+            snr_gamma=config.snr_gamma,
+            max_embedding_norm=config.max_embedding_norm,
+            eval_loss=config.eval_loss,
+            save_best=config.save_best,
+        )
+        await pilot.press("escape")
+
+    _drive(app, script)
+    assert chosen == {
+        "snr_gamma": 5.0,
+        "max_embedding_norm": 0.4,
+        "eval_loss": True,
+        "save_best": True,
+    }
+    assert not (host_root / "text-inversion-output").exists()
 
 
 async def _small_run(pilot: Pilot[None], data: Path) -> None:

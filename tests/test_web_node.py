@@ -209,12 +209,15 @@ def test_the_nodes_fields_are_the_configs(make_config: Callable[..., Any]) -> No
         "lr_warmup_steps",
         "gradient_accumulation_steps",
         "center_crop",
+        "eval_loss",
+        "save_best",
     )
     for name in same_defaults:
         assert fields[name].default == options[name].default, name
     for name in ("model", "placeholder_token", "train_batch_size", *same_defaults[1:]):
         assert fields[name].description == options[name].description, name
-    for name in ("learning_rate", "validation_prompt"):  # each adds what its 0 or "" means
+    # each adds what its 0 or "" means
+    for name in ("learning_rate", "validation_prompt", "snr_gamma", "max_embedding_norm"):
         assert (fields[name].description or "").startswith(options[name].description or "-")
     assert "holds the queue" in (TrainTextualInversionInvocation.__doc__ or "")
 
@@ -261,6 +264,19 @@ def test_the_nodes_inputs_are_the_command_lines_options(
     )
     assert (tuned.scale_lr, tuned.lr_scheduler, tuned.lr_warmup_steps) == (False, "cosine", 100)
     assert (tuned.gradient_accumulation_steps, tuned.center_crop) == (4, True)
+    # the convergence options: 0 is off, as an omitted option is
+    assert (config().snr_gamma, config().max_embedding_norm) == (None, None)
+    assert (config().eval_loss, config().save_best) == (True, False)
+    converging = config(snr_gamma=5.0, max_embedding_norm=0.4, save_best=True)
+    assert (converging.snr_gamma, converging.max_embedding_norm) == (5.0, 0.4)
+    assert converging.save_best and converging.eval_loss
+    assert not config(eval_loss=False).eval_loss
+    with pytest.raises(UserInputError, match="--snr_gamma: must be a positive number"):
+        config(snr_gamma=-5.0)
+    with pytest.raises(UserInputError, match="--max_embedding_norm: must be a positive number"):
+        config(max_embedding_norm=-0.4)
+    with pytest.raises(UserInputError, match="--save_best: needs the evaluation loss"):
+        config(eval_loss=False, save_best=True)
 
 
 def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:

@@ -22,6 +22,7 @@ import requests
 import socketio
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from invokeai_ti_plugin.cli import main
 from invokeai_ti_plugin.host.board_images import EXPORT_MARKER
@@ -226,13 +227,26 @@ def test_the_training_node_in_the_web_ui(
     assert np.array_equal(ball, server.generate(model, "a photo of a <board-ball>"))
 
     # a folder wins over a board, which the editor fills in for a Board left on Auto (with the
-    # auto-add board); with neither, one line
+    # auto-add board); with neither, one line. The convergence options reach the run
     by_folder = _train(
-        server, model, board_id, placeholder_token="<dir-ball>", train_data_dir=str(object_images)
+        server,
+        model,
+        board_id,
+        placeholder_token="<dir-ball>",
+        train_data_dir=str(object_images),
+        snr_gamma=5.0,
+        max_embedding_norm=0.5,
+        save_best=True,
     )
     assert server.wait(by_folder)["status"] == "completed"
     summary = host_root / "text-inversion-output" / "dir-ball" / "embedding.json"
-    assert json.loads(summary.read_text())["options"]["train_data_dir"] == str(object_images)
+    options = json.loads(summary.read_text())["options"]
+    assert options["train_data_dir"] == str(object_images)
+    assert (options["snr_gamma"], options["max_embedding_norm"]) == (5.0, 0.5)
+    assert (summary.parent / "learned_embeds-best.safetensors").is_file()
+    # the limit is below the initializer's norm (0.547), so it held every update
+    registered = host_root / "embeddings" / "dir-ball" / "sd-1" / "learned_embeds.safetensors"
+    assert load_file(registered)["emb_params"].norm(dim=-1).max() <= 0.5 + 1e-6
     assert not (host_root / "text-inversion-training-data" / "dir-ball").exists()
     neither = server.wait(_train(server, model, board_id, board=None, placeholder_token="<no>"))
     assert neither["error_message"] == (
@@ -296,8 +310,9 @@ def test_in_multiuser_mode_only_an_administrator_trains(
 NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
     "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate", "Scale LR",
-    "LR Scheduler", "LR Warmup Steps", "Train Batch Size", "Gradient Accumulation Steps",
-    "Validation Steps", "Num Validation Images", "Validation Prompt", "Resolution",
+    "LR Scheduler", "LR Warmup Steps", "Min-SNR Gamma", "Max Embedding Norm",
+    "Train Batch Size", "Gradient Accumulation Steps", "Validation Steps",
+    "Num Validation Images", "Eval Loss", "Save Best", "Validation Prompt", "Resolution",
     "Center Crop", "Seed", "Resume", "Embedding", "Trigger", "Samples", "Loss Plot",
 ]  # fmt: skip
 CHROMIUM = Path("/usr/bin/chromium")

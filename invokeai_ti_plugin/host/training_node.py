@@ -101,7 +101,7 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     title="Train Textual Inversion",
     tags=["training", "textual inversion", "embedding"],
     category="training",
-    version="1.3.0",
+    version="1.4.0",
     use_cache=False,
 )
 class TrainTextualInversionInvocation(BaseInvocation):
@@ -150,10 +150,22 @@ class TrainTextualInversionInvocation(BaseInvocation):
     scale_lr: bool = _option("scale_lr", title="Scale LR")
     lr_scheduler: LrScheduler = _option("lr_scheduler", title="LR Scheduler")
     lr_warmup_steps: int = _option("lr_warmup_steps", ge=0, title="LR Warmup Steps")
+    # 0 is off: like learning_rate (above), neither may be empty nor have a lower limit
+    snr_gamma: float = InputField(
+        default=0.0,
+        description=f"{TrainingConfig.model_fields['snr_gamma'].description} 0: off.",
+        title="Min-SNR Gamma",
+    )
+    max_embedding_norm: float = InputField(
+        default=0.0,
+        description=f"{TrainingConfig.model_fields['max_embedding_norm'].description} 0: none.",
+    )
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
     gradient_accumulation_steps: int = _option("gradient_accumulation_steps", ge=1)
     validation_steps: int = _option("validation_steps", ge=0)
     num_validation_images: int = _option("num_validation_images", ge=0, le=MAX_VALIDATION_IMAGES)
+    eval_loss: bool = _option("eval_loss")
+    save_best: bool = _option("save_best")
     # a string, not optional, for the same reason as learning_rate: empty stands for the default
     validation_prompt: str = InputField(
         default="",
@@ -228,10 +240,14 @@ class TrainTextualInversionInvocation(BaseInvocation):
                 "scale_lr": self.scale_lr,
                 "lr_scheduler": self.lr_scheduler,
                 "lr_warmup_steps": self.lr_warmup_steps,
+                "snr_gamma": self.snr_gamma or None,
+                "max_embedding_norm": self.max_embedding_norm or None,
                 "train_batch_size": self.train_batch_size,
                 "gradient_accumulation_steps": self.gradient_accumulation_steps,
                 "validation_steps": self.validation_steps,
                 "num_validation_images": self.num_validation_images,
+                "eval_loss": self.eval_loss,
+                "save_best": self.save_best,
                 "validation_prompt": self.validation_prompt.strip() or None,
                 "resolution": self.resolution or None,
                 "center_crop": self.center_crop,

@@ -61,9 +61,13 @@ FIELDS: tuple[FormField, ...] = (
     FormField("lr_scheduler", "LR scheduler", "choice", width=24),
     FormField("gradient_accumulation_steps", "Accumulation", "integer", "batches per update"),
     FormField("lr_warmup_steps", "Warmup steps", "integer", "only with a warmup scheduler"),
+    FormField("snr_gamma", "Min-SNR gamma", "number", "blank: off; typical: 5"),
+    FormField("max_embedding_norm", "Max norm", "number", "blank: no limit"),
     FormField("validation_prompt", "Sample prompt", "text", width=None),
     FormField("num_validation_images", "Sample images", "integer", "per grid; 0: none"),
     FormField("validation_steps", "Sample every", "integer", "steps; 0: at the end only"),
+    FormField("eval_loss", "Eval loss", "check", "measure progress with fixed noise"),
+    FormField("save_best", "Save best", "check", "also keep the best evaluation's embedding"),
     FormField("overwrite", "Overwrite", "check", "replace an earlier run's outputs"),
 )
 
