@@ -52,7 +52,8 @@ class TrainingForm(Vertical):
     TrainingForm .hint { width: auto; padding-left: 2; color: $text-muted; }
     TrainingForm .problem { display: none; color: $text-error; padding-left: 18; }
     TrainingForm .problem.-shown { display: block; }
-    TrainingForm #help { height: 3; padding: 0 1; color: $text-muted; background: $boost; }
+    TrainingForm #help { height: auto; min-height: 3; max-height: 8; padding: 0 1;
+                         color: $text-muted; background: $boost; }
     TrainingForm #actions { height: 1; padding: 0 1; }
     TrainingForm #status { width: 1fr; color: $text-warning; }
     TrainingForm Button { margin-left: 2; min-width: 8; }
