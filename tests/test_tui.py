@@ -249,7 +249,10 @@ def test_the_convergence_options_reach_the_config(host_root: Path, object_images
         assert app.phase == "form"
 
         app.query_one("#eval_loss", Checkbox).value = True
+        app.query_one("#eval_loss").focus()
         await pilot.pause()
+        # its description is six lines at 80 columns: the help area grows to show all of it
+        assert app.query_one("#help").size.height == 6
         config = build_config(app.query_one(TrainingForm).options())
         chosen.update(
             snr_gamma=config.snr_gamma,
