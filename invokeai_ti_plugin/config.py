@@ -530,9 +530,14 @@ def trigger_folders(root: Path, trigger: str) -> tuple[Path, Path]:
     return root / DATA_DIRNAME / trigger, root / OUTPUT_DIRNAME / trigger
 
 
+def is_image_file(path: Path) -> bool:
+    """A picture a run trains on (PNG, JPEG or WebP, by its suffix)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
 def _holds_images(folder: Path) -> bool:
     """Pictures directly in `folder`: a run reads no sub-folders."""
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir() if p.is_file())
+    return any(is_image_file(p) for p in folder.iterdir())
 
 
 def _sub_folders_with_images(folder: Path) -> list[Path]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..config import IMAGE_SUFFIXES
+from ..config import is_image_file
 from ..errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class TrainingImage:
 
 def image_files(folder: Path) -> list[Path]:
     """The image files of a folder, in a stable order so runs are reproducible."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
