@@ -287,9 +287,9 @@ class TrainingConfig(BaseModel):
         "its kernels, 'reduce-overhead' also replays them as CUDA graphs. The first step then "
         "takes minutes (compiling; less once torch has cached it) and later steps are faster: "
         "on an H200, 'default' paid for a first compile only after about 6,700 (SD 1.5) or "
-        "15,000 (SDXL) updates; 'reduce-overhead' made SD 1.5 steps at batch 1 2.7x faster and "
-        "paid after about 1,500 (see the README's GPU figures). Needs triton on a CUDA GPU, a "
-        "C++ compiler on a CPU.",
+        "15,000 (SDXL) updates; 'reduce-overhead' made steps 2-3x faster and paid after about "
+        "800-1,600 (see the README's GPU figures). Needs triton on a CUDA GPU, a C++ compiler "
+        "on a CPU.",
     )
     seed: int | None = Field(
         default=None,
