@@ -272,6 +272,24 @@ def test_the_convergence_options_reach_the_config(host_root: Path, object_images
     assert not (host_root / "text-inversion-output").exists()
 
 
+def test_the_compile_choice_reaches_the_config(host_root: Path, object_images: Path) -> None:
+    """--torch_compile is a choice in the form, off until the user picks a mode."""
+    app = _form(host_root)
+    chosen: list[str] = []
+
+    async def script(pilot: Pilot[None]) -> None:
+        await _set(pilot, "placeholder_token", "striped-ball")
+        await _set(pilot, "train_data_dir", str(object_images))
+        assert _value(app, "torch_compile") == "off"
+        app.query_one("#torch_compile", Select).value = "reduce-overhead"
+        await pilot.pause()
+        chosen.append(build_config(app.query_one(TrainingForm).options()).torch_compile)
+        await pilot.press("escape")
+
+    _drive(app, script)
+    assert chosen == ["reduce-overhead"]
+
+
 async def _small_run(pilot: Pilot[None], data: Path) -> None:
     """Type the settings of a tiny, quick run."""
     await _set(pilot, "placeholder_token", "striped-ball")

@@ -211,6 +211,7 @@ def test_the_nodes_fields_are_the_configs(make_config: Callable[..., Any]) -> No
         "center_crop",
         "eval_loss",
         "save_best",
+        "torch_compile",
     )
     for name in same_defaults:
         assert fields[name].default == options[name].default, name
@@ -277,6 +278,9 @@ def test_the_nodes_inputs_are_the_command_lines_options(
         config(max_embedding_norm=-0.4)
     with pytest.raises(UserInputError, match="--save_best: needs the evaluation loss"):
         config(eval_loss=False, save_best=True)
+    # what the GPU figures found pays on long runs on a fast GPU
+    assert config().torch_compile == "off"
+    assert config(torch_compile="reduce-overhead").torch_compile == "reduce-overhead"
 
 
 def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:

@@ -311,7 +311,7 @@ NODE_LABELS = [
     "Model", "Placeholder Token", "Initializer Token", "Num Vectors", "Learnable Property",
     "Board", "Train Data Dir", "Max Train Steps", "Optimizer", "Learning Rate", "Scale LR",
     "LR Scheduler", "LR Warmup Steps", "Min-SNR Gamma", "Max Embedding Norm",
-    "Train Batch Size", "Gradient Accumulation Steps", "Validation Steps",
+    "Train Batch Size", "Gradient Accumulation Steps", "Torch Compile", "Validation Steps",
     "Num Validation Images", "Eval Loss", "Save Best", "Validation Prompt", "Resolution",
     "Center Crop", "Seed", "Resume", "Embedding", "Trigger", "Samples", "Loss Plot",
 ]  # fmt: skip

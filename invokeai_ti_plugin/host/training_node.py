@@ -45,6 +45,7 @@ from ..config import (
     LearnableProperty,
     LrScheduler,
     OptimizerName,
+    TorchCompile,
     TrainingConfig,
     build_config,
     name_problem,
@@ -101,7 +102,7 @@ class TrainTextualInversionOutput(BaseInvocationOutput):
     title="Train Textual Inversion",
     tags=["training", "textual inversion", "embedding"],
     category="training",
-    version="1.4.0",
+    version="1.5.0",
     use_cache=False,
 )
 class TrainTextualInversionInvocation(BaseInvocation):
@@ -162,6 +163,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
     )
     train_batch_size: int = _option("train_batch_size", ge=1, le=MAX_BATCH_SIZE)
     gradient_accumulation_steps: int = _option("gradient_accumulation_steps", ge=1)
+    torch_compile: TorchCompile = _option("torch_compile")
     validation_steps: int = _option("validation_steps", ge=0)
     num_validation_images: int = _option("num_validation_images", ge=0, le=MAX_VALIDATION_IMAGES)
     eval_loss: bool = _option("eval_loss")
@@ -244,6 +246,7 @@ class TrainTextualInversionInvocation(BaseInvocation):
                 "max_embedding_norm": self.max_embedding_norm or None,
                 "train_batch_size": self.train_batch_size,
                 "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "torch_compile": self.torch_compile,
                 "validation_steps": self.validation_steps,
                 "num_validation_images": self.num_validation_images,
                 "eval_loss": self.eval_loss,

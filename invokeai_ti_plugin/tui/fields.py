@@ -50,6 +50,7 @@ FIELDS: tuple[FormField, ...] = (
     FormField("resolution", "Resolution", "integer", "px"),
     FormField("center_crop", "Centre crop", "check", "crop images to a centred square"),
     FormField("mixed_precision", "Mixed precision", "choice", width=24),
+    FormField("torch_compile", "Compile UNet", "choice", "long runs on a fast GPU", width=24),
     FormField("max_train_steps", "Max steps", "integer"),
     FormField("train_batch_size", "Batch size", "integer", "images per step"),
     FormField("optimizer", "Optimizer", "choice", "prodigy: no rate to tune", width=24),
