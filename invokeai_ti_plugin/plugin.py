@@ -45,10 +45,10 @@ class TextualInversionPlugin:
         """Register embeddings dropped in while InvokeAI was down; add the ready workflow."""
         from .host.embedding_sync import sync_embeddings
         from .host.model_db import HostModels
-        from .host.workflow import add_workflow_once
+        from .host.workflow import sync_workflow
 
         sync_embeddings(HostModels.of_server(services))
-        add_workflow_once(services)
+        sync_workflow(services)
 
 
 PLUGIN = TextualInversionPlugin()

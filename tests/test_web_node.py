@@ -296,12 +296,12 @@ def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:
     from invokeai.backend.util.logging import InvokeAILogger
 
     from invokeai_ti_plugin.host.app_config import use_root
-    from invokeai_ti_plugin.host.workflow import add_workflow_once, marker_path
+    from invokeai_ti_plugin.host.workflow import fingerprint, marker_path, sync_workflow
 
     config = use_root(host_root)
     db = init_db(config, InvokeAILogger.get_logger(), DiskImageFileStorage(host_root / "i"))
     library = SqliteWorkflowRecordsStorage(db)
-    services = SimpleNamespace(configuration=config, workflow_records=library)
+    services: Any = SimpleNamespace(configuration=config, workflow_records=library)
 
     def ours() -> list[str]:
         found = library.get_many(
@@ -310,18 +310,75 @@ def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:
         )  # fmt: skip
         return [item.workflow_id for item in found.items]
 
-    added = add_workflow_once(services)  # type: ignore[arg-type]
+    added = sync_workflow(services)
     assert added is not None and ours() == [added]
-    assert json.loads(marker_path(services).read_text()) == {"workflow_added": added}  # type: ignore[arg-type]
-    assert add_workflow_once(services) is None  # type: ignore[arg-type]
+    stored = library.get(added).workflow
+    remembered = {"workflow_added": added, "fingerprint": fingerprint(stored)}
+    assert json.loads(marker_path(services).read_text()) == remembered
+    assert sync_workflow(services) is None
     library.delete(added)
-    assert add_workflow_once(services) is None and ours() == []  # type: ignore[arg-type]
+    assert sync_workflow(services) is None and ours() == []
     # without the marker (a library it never met): added, but never beside one of its name
-    marker_path(services).unlink()  # type: ignore[arg-type]
-    again = add_workflow_once(services)  # type: ignore[arg-type]
+    marker_path(services).unlink()
+    again = sync_workflow(services)
     assert again is not None and ours() == [again]
-    marker_path(services).unlink()  # type: ignore[arg-type]
-    assert add_workflow_once(services) is None and ours() == [again]  # type: ignore[arg-type]
+    marker_path(services).unlink()
+    assert sync_workflow(services) is None and ours() == [again]
+    assert json.loads(marker_path(services).read_text()) == {"workflow_added": "already there"}
+
+
+def test_an_untouched_workflow_is_brought_up_to_date_and_an_edited_one_kept(
+    host_root: Path,
+) -> None:
+    """A plugin update replaces the copy an older version added, unless the user changed it."""
+    from invokeai.app.services.image_files.image_files_disk import DiskImageFileStorage
+    from invokeai.app.services.shared.sqlite.sqlite_util import init_db
+    from invokeai.app.services.workflow_records.workflow_records_sqlite import (
+        SqliteWorkflowRecordsStorage,
+    )
+    from invokeai.backend.util.logging import InvokeAILogger
+
+    from invokeai_ti_plugin.host.app_config import use_root
+    from invokeai_ti_plugin.host.workflow import (
+        fingerprint,
+        marker_path,
+        shipped_workflow,
+        sync_workflow,
+    )
+
+    config = use_root(host_root)
+    db = init_db(config, InvokeAILogger.get_logger(), DiskImageFileStorage(host_root / "i"))
+    library = SqliteWorkflowRecordsStorage(db)
+    services: Any = SimpleNamespace(configuration=config, workflow_records=library)
+    added = sync_workflow(services)
+    assert added is not None
+    current = library.get(added).workflow
+    marker = marker_path(services)
+
+    def as_an_older_plugin_added_it() -> None:
+        older = current.model_copy(update={"version": "0.9.0", "notes": "older notes"})
+        stored = library.update(older).workflow
+        marker.write_text(json.dumps({"workflow_added": added, "fingerprint": fingerprint(stored)}))
+
+    as_an_older_plugin_added_it()
+    assert sync_workflow(services) == added
+    refreshed = library.get(added).workflow
+    assert (refreshed.version, refreshed.notes) == (shipped_workflow()["version"], current.notes)
+    assert json.loads(marker.read_text())["fingerprint"] == fingerprint(refreshed)
+    assert sync_workflow(services) is None  # up to date
+
+    # the user's own notes in an older copy are kept
+    as_an_older_plugin_added_it()
+    edited = library.get(added).workflow.model_copy(update={"notes": "my own notes"})
+    library.update(edited)
+    assert sync_workflow(services) is None
+    assert library.get(added).workflow.notes == "my own notes"
+
+    # a marker of a version that kept no fingerprint, or an unreadable one: left alone too
+    for kept in (json.dumps({"workflow_added": added}), "{not json"):
+        marker.write_text(kept)
+        assert sync_workflow(services) is None
+        assert library.get(added).workflow.notes == "my own notes"
 
 
 def test_a_board_is_exported_byte_for_byte_and_only_into_folders_of_ours(tmp_path: Path) -> None:
