@@ -374,11 +374,13 @@ def test_an_untouched_workflow_is_brought_up_to_date_and_an_edited_one_kept(
     assert sync_workflow(services) is None
     assert library.get(added).workflow.notes == "my own notes"
 
-    # a marker of a version that kept no fingerprint, or an unreadable one: left alone too
+    # with a marker of a version that kept no fingerprint, or an unreadable one, nothing tells
+    # an untouched copy from an edited one: left alone
     for kept in (json.dumps({"workflow_added": added}), "{not json"):
+        as_an_older_plugin_added_it()
         marker.write_text(kept)
         assert sync_workflow(services) is None
-        assert library.get(added).workflow.notes == "my own notes"
+        assert library.get(added).workflow.notes == "older notes"
 
 
 def test_a_board_is_exported_byte_for_byte_and_only_into_folders_of_ours(tmp_path: Path) -> None:
