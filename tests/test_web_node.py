@@ -283,25 +283,32 @@ def test_the_nodes_inputs_are_the_command_lines_options(
     assert config(torch_compile="reduce-overhead").torch_compile == "reduce-overhead"
 
 
-def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:
+def _workflow_services(host_root: Path) -> Any:
+    """The host's real workflow library on the root's SQLite database, as the server has it."""
     from invokeai.app.services.image_files.image_files_disk import DiskImageFileStorage
-    from invokeai.app.services.shared.sqlite.sqlite_common import SQLiteDirection
     from invokeai.app.services.shared.sqlite.sqlite_util import init_db
-    from invokeai.app.services.workflow_records.workflow_records_common import (
-        WorkflowRecordOrderBy,
-    )
     from invokeai.app.services.workflow_records.workflow_records_sqlite import (
         SqliteWorkflowRecordsStorage,
     )
     from invokeai.backend.util.logging import InvokeAILogger
 
     from invokeai_ti_plugin.host.app_config import use_root
-    from invokeai_ti_plugin.host.workflow import fingerprint, marker_path, sync_workflow
 
     config = use_root(host_root)
     db = init_db(config, InvokeAILogger.get_logger(), DiskImageFileStorage(host_root / "i"))
-    library = SqliteWorkflowRecordsStorage(db)
-    services: Any = SimpleNamespace(configuration=config, workflow_records=library)
+    return SimpleNamespace(configuration=config, workflow_records=SqliteWorkflowRecordsStorage(db))
+
+
+def test_the_workflow_is_added_to_the_library_once(host_root: Path) -> None:
+    from invokeai.app.services.shared.sqlite.sqlite_common import SQLiteDirection
+    from invokeai.app.services.workflow_records.workflow_records_common import (
+        WorkflowRecordOrderBy,
+    )
+
+    from invokeai_ti_plugin.host.workflow import fingerprint, marker_path, sync_workflow
+
+    services = _workflow_services(host_root)
+    library = services.workflow_records
 
     def ours() -> list[str]:
         found = library.get_many(
@@ -331,14 +338,6 @@ def test_an_untouched_workflow_is_brought_up_to_date_and_an_edited_one_kept(
     host_root: Path,
 ) -> None:
     """A plugin update replaces the copy an older version added, unless the user changed it."""
-    from invokeai.app.services.image_files.image_files_disk import DiskImageFileStorage
-    from invokeai.app.services.shared.sqlite.sqlite_util import init_db
-    from invokeai.app.services.workflow_records.workflow_records_sqlite import (
-        SqliteWorkflowRecordsStorage,
-    )
-    from invokeai.backend.util.logging import InvokeAILogger
-
-    from invokeai_ti_plugin.host.app_config import use_root
     from invokeai_ti_plugin.host.workflow import (
         fingerprint,
         marker_path,
@@ -346,10 +345,8 @@ def test_an_untouched_workflow_is_brought_up_to_date_and_an_edited_one_kept(
         sync_workflow,
     )
 
-    config = use_root(host_root)
-    db = init_db(config, InvokeAILogger.get_logger(), DiskImageFileStorage(host_root / "i"))
-    library = SqliteWorkflowRecordsStorage(db)
-    services: Any = SimpleNamespace(configuration=config, workflow_records=library)
+    services = _workflow_services(host_root)
+    library = services.workflow_records
     added = sync_workflow(services)
     assert added is not None
     current = library.get(added).workflow
